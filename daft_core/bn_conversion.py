@@ -1,0 +1,295 @@
+"""Function-preserving BatchNorm conversion (DAFT, Ha/Jeong/Lee AAAI 2024).
+
+Fine-tuning in train mode normalises with *target* batch statistics, while the pretrained network was
+calibrated to its *source* running statistics; the first steps therefore see a different function and
+distort the features. DAFT first measures the target statistics and folds the change into each layer's
+affine parameters, so the eval-mode function is unchanged and train-mode batches start close to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "AFFINE_FALSE_CHOICES",
+    "STATS_CHOICES",
+    "BNConversionError",
+    "BNConversionReport",
+    "LayerReport",
+    "batchnorm_layers",
+    "convert_batchnorm",
+]
+
+STATS_CHOICES = ("batch_mean", "population")
+AFFINE_FALSE_CHOICES = ("skip", "make_affine")
+
+SKIP_NOT_TRACKING = "track_running_stats=False"
+SKIP_NOT_AFFINE = "affine=False"
+SKIP_NOT_CALLED = "not called during the forward pass"
+
+
+class BNConversionError(ValueError):
+    """Raised when conversion cannot proceed; the model is left untouched."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    num_features: int
+    old_mean_mean: float | None = None
+    old_var_mean: float | None = None
+    new_mean_mean: float | None = None  # measured even when the layer is skipped for affine=False
+    new_var_mean: float | None = None
+    scale_min: float | None = None  # weight multiplier sqrt(var_new + eps) / sqrt(var_old + eps)
+    scale_mean: float | None = None
+    scale_max: float | None = None
+    skipped: str | None = None
+    made_affine: bool = False
+
+
+@dataclass
+class BNConversionReport:
+    stats: str
+    num_batches: int  # summed over ranks when torch.distributed is initialised
+    num_samples: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """Every BatchNorm-like layer (any ``_BatchNorm`` subclass, SyncBatchNorm included), in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+class _Accumulator:
+    """Per-channel input statistics of one layer, in float64 so that long passes do not lose precision."""
+
+    def __init__(self) -> None:
+        self.n = None  # elements per channel seen (population)
+        self.mean = None
+        self.m2 = None  # sum of squared deviations from `mean` (Chan et al. merge)
+        self.w = None  # samples seen (batch-size weights, batch_mean)
+        self.w_mean = None  # sum over batches of batch_size * batch mean
+        self.w_var = None  # sum over batches of batch_size * biased batch variance
+
+    def update(self, x: torch.Tensor) -> None:
+        c = x.shape[1]
+        if x.device.type == "mps":  # no float64 there
+            x = x.cpu()
+        flat = x.detach().to(torch.float64).transpose(0, 1).reshape(c, -1)
+        var_b, mean_b = torch.var_mean(flat, dim=1, correction=0)
+        n_b = torch.tensor(float(flat.shape[1]), dtype=torch.float64, device=flat.device)
+        w_b = float(x.shape[0])
+        if self.n is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, var_b * n_b
+            self.w, self.w_mean, self.w_var = n_b.new_tensor(w_b), w_b * mean_b, w_b * var_b
+            return
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + var_b * n_b + delta.square() * (self.n * n_b / n)
+        self.n = n
+        self.w = self.w + w_b
+        self.w_mean = self.w_mean + w_b * mean_b
+        self.w_var = self.w_var + w_b * var_b
+
+    def ensure(self, num_features: int, device: torch.device) -> None:
+        """Zero state for a layer this rank never reached, so every rank all-reduces the same shapes."""
+        if self.n is None:
+            z = torch.zeros(num_features, dtype=torch.float64, device=device)
+            self.n, self.mean, self.m2 = z.new_zeros(()), z, z.clone()
+            self.w, self.w_mean, self.w_var = z.new_zeros(()), z.clone(), z.clone()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_across_ranks(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One all-reduce for all layers, so every rank ends with identical statistics."""
+    if not _distributed():
+        return tensors
+    flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    parts = flat.split([t.numel() for t in tensors])
+    return [p.reshape(t.shape).to(t.device) for p, t in zip(parts, tensors, strict=True)]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _first_element(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, tuple | list) else batch
+
+
+def _summary(t: torch.Tensor | None) -> float | None:
+    return None if t is None else float(t.double().mean())
+
+
+def convert_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Any],
+    stats: str = "batch_mean",
+    *,
+    affine_false: str = "skip",
+) -> BNConversionReport:
+    """Replace every BN layer's running statistics by those of ``batches`` without changing eval outputs.
+
+    ``stats="batch_mean"`` (the paper) averages per-batch means and biased variances weighted by batch
+    size, i.e. what train-mode BN will actually see; ``"population"`` uses exact pooled statistics.
+    Layers with ``affine=False`` cannot absorb the change: by default they are left as they are
+    (``affine_false="skip"``); ``"make_affine"`` gives them weight/bias parameters that preserve the
+    function (their state_dict then gains ``weight``/``bias``). ``track_running_stats=False`` layers
+    already use batch statistics and are skipped. Under an initialised ``torch.distributed`` the sums
+    are all-reduced, so each rank may pass its own shard and all get the same result.
+    Nothing is modified if a ``BNConversionError`` is raised. The original train/eval flags are restored.
+    """
+    if stats not in STATS_CHOICES:
+        raise ValueError(f"unknown stats={stats!r}; expected one of {STATS_CHOICES}")
+    if affine_false not in AFFINE_FALSE_CHOICES:
+        raise ValueError(f"unknown affine_false={affine_false!r}; expected one of {AFFINE_FALSE_CHOICES}")
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise BNConversionError(
+            f"{type(model).__name__} has no BatchNorm layer (no torch.nn.modules.batchnorm._BatchNorm "
+            "subclass); there is nothing to convert"
+        )
+
+    device = _model_device(model)
+    tracked = [(name, m) for name, m in layers if m.track_running_stats and m.running_mean is not None]
+    accs = {name: _Accumulator() for name, _ in tracked}
+
+    def make_hook(acc: _Accumulator) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            acc.update(inputs[0])
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(make_hook(accs[name])) for name, m in tracked]
+    num_batches = num_samples = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                x = _first_element(batch)
+                x = x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+                model(x)
+                num_batches += 1
+                num_samples += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+    new_stats, num_batches, num_samples = _finalise(tracked, accs, stats, device, num_batches, num_samples)
+    if num_batches == 0:
+        raise BNConversionError("`batches` is empty: at least one batch is needed to measure statistics")
+
+    # Plan everything first so that an invalid layer leaves the whole model untouched.
+    reports, plan = [], []
+    for name, m in layers:
+        rep = LayerReport(name=name, type=type(m).__name__, num_features=m.num_features)
+        reports.append(rep)
+        if name not in new_stats:
+            rep.skipped = SKIP_NOT_TRACKING
+            continue
+        rep.old_mean_mean, rep.old_var_mean = _summary(m.running_mean), _summary(m.running_var)
+        if new_stats[name] is None:
+            rep.skipped = SKIP_NOT_CALLED
+            continue
+        mu_new, var_new = new_stats[name]
+        rep.new_mean_mean, rep.new_var_mean = _summary(mu_new), _summary(var_new)
+        if not m.affine and affine_false == "skip":
+            rep.skipped = SKIP_NOT_AFFINE
+            _check_finite(name, mu_new=mu_new, var_new=var_new)
+            continue
+        mu_old, var_old = m.running_mean.double(), m.running_var.double()
+        std_old, std_new = (var_old + m.eps).sqrt(), (var_new + m.eps).sqrt()
+        scale = std_new / std_old
+        if m.affine:
+            w_old, b_old = m.weight.detach().double(), m.bias.detach().double()
+        else:
+            w_old, b_old = torch.ones_like(mu_old), torch.zeros_like(mu_old)
+            rep.made_affine = True
+        bias = b_old + (mu_new - mu_old) * w_old / std_old
+        weight = w_old * scale
+        _check_finite(name, mu_new=mu_new, var_new=var_new, weight=weight, bias=bias)
+        rep.scale_min, rep.scale_mean, rep.scale_max = (
+            float(scale.min()),
+            float(scale.mean()),
+            float(scale.max()),
+        )
+        plan.append((m, mu_new, var_new, weight, bias))
+
+    with torch.no_grad():
+        for m, mu_new, var_new, weight, bias in plan:
+            dtype = m.running_mean.dtype
+            if not m.affine:
+                m.weight = nn.Parameter(weight.to(m.running_mean))
+                m.bias = nn.Parameter(bias.to(m.running_mean))
+                m.affine = True
+            else:
+                m.weight.copy_(weight.to(dtype=m.weight.dtype))
+                m.bias.copy_(bias.to(dtype=m.bias.dtype))
+            m.running_mean.copy_(mu_new.to(dtype=dtype))
+            m.running_var.copy_(var_new.to(dtype=dtype))
+
+    return BNConversionReport(stats=stats, num_batches=num_batches, num_samples=num_samples, layers=reports)
+
+
+def _finalise(
+    tracked: list[tuple[str, _BatchNorm]],
+    accs: dict[str, _Accumulator],
+    stats: str,
+    device: torch.device,
+    num_batches: int,
+    num_samples: int,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor] | None], int, int]:
+    """Combine (and all-reduce) the sums: {name: (mean, var), or None if never reached}, batches, samples."""
+    for name, m in tracked:
+        accs[name].ensure(m.num_features, m.running_mean.device)
+    a = [accs[name] for name, _ in tracked]
+    counts = torch.tensor([num_batches, num_samples], dtype=torch.float64, device=device)
+    if stats == "batch_mean":
+        sums = _sum_across_ranks([counts] + [t for x in a for t in (x.w, x.w_mean, x.w_var)], device)
+        out = {
+            name: (wm / w, wv / w) if w > 0 else None
+            for (name, _), w, wm, wv in zip(tracked, sums[1::3], sums[2::3], sums[3::3], strict=True)
+        }
+    else:
+        sums = _sum_across_ranks([counts] + [t for x in a for t in (x.n, x.n * x.mean)], device)
+        ns, means = sums[1::2], [s / n if n > 0 else s for n, s in zip(sums[1::2], sums[2::2], strict=True)]
+        # Second pass: deviations around the global mean keep the pooled variance numerically stable.
+        m2s = _sum_across_ranks(
+            [x.m2 + x.n * (x.mean - mu).square() for x, mu in zip(a, means, strict=True)], device
+        )
+        out = {
+            name: (mu, m2 / n) if n > 0 else None
+            for (name, _), n, mu, m2 in zip(tracked, ns, means, m2s, strict=True)
+        }
+    return out, round(float(sums[0][0])), round(float(sums[0][1]))
+
+
+def _check_finite(layer: str, **tensors: torch.Tensor) -> None:
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BNConversionError(
+            f"non-finite {', '.join(bad)} in BatchNorm layer {layer!r}; check the inputs for inf/nan "
+            "(nothing was modified)"
+        )

@@ -1,0 +1,266 @@
+"""Linear probe: agreement with scikit-learn, folding, sweep bookkeeping, validation, extraction."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from daft_core.probe import LOGSPACE_CS, ProbeResult, extract_features, fit_linear_probe
+
+sklearn = pytest.importorskip("sklearn")
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    """Real 64-dim features (8x8 digits), split train / val / held-out test by a fixed permutation."""
+    x, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(0).permutation(len(y))
+    x, y = x[perm].astype(np.float32), y[perm].astype(np.int64)
+    return {
+        "xt": x[:1000],
+        "yt": y[:1000],
+        "xv": x[1000:1400],
+        "yv": y[1000:1400],
+        "xs": x[1400:],
+        "ys": y[1400:],
+    }
+
+
+def _acc(head: nn.Linear, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((head(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def _sk_fit(d: dict[str, np.ndarray], c: float, tol: float = 1e-4) -> tuple[StandardScaler, LogisticRegression]:
+    scaler = StandardScaler().fit(d["xt"])
+    clf = LogisticRegression(C=c, max_iter=5000, tol=tol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(scaler.transform(d["xt"]), d["yt"])
+    return scaler, clf
+
+
+@pytest.mark.parametrize("c", [1e-3, 0.05, 1.0])
+def test_matches_sklearn_at_same_C(digits: dict[str, np.ndarray], c: float) -> None:
+    """Same objective => same held-out accuracy (within 0.3 pt) and nearly identical predictions."""
+    scaler, clf = _sk_fit(digits, c, tol=1e-6)
+    sk_pred = clf.predict(scaler.transform(digits["xs"]))
+    sk_acc = float((sk_pred == digits["ys"]).mean())
+    res = fit_linear_probe(
+        digits["xt"], digits["yt"], digits["xv"], digits["yv"], [c], device="cpu", max_iter=1000, tol=1e-6
+    )
+    acc = _acc(res.head, digits["xs"], digits["ys"])
+    assert abs(acc - sk_acc) <= 0.003, (acc, sk_acc)
+    with torch.no_grad():
+        pred = res.head(torch.from_numpy(digits["xs"])).argmax(1).numpy()
+    assert (pred == sk_pred).mean() >= 0.99
+    # the raw-feature head equals sklearn's standardised coefficients unfolded
+    sk_w = clf.coef_ / scaler.scale_
+    np.testing.assert_allclose(res.head.weight.numpy(), sk_w, atol=2e-3 * np.abs(sk_w).max())
+
+
+def test_sweep_picks_sensible_C(digits: dict[str, np.ndarray]) -> None:
+    """Over the paper's grid, the chosen C is as good on val as sklearn's warm-started sweep's best."""
+    cs = LOGSPACE_CS[::2]  # 25 of the 50 values keeps the test quick; same spacing pattern
+    res = fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], cs, device="cpu")
+    assert len(res.sweep) == len(cs)
+    assert [r["C"] for r in res.sweep] == pytest.approx(sorted(cs))
+    scaler = StandardScaler().fit(digits["xt"])
+    xt, xv = scaler.transform(digits["xt"]), scaler.transform(digits["xv"])
+    clf = LogisticRegression(warm_start=True)
+    sk_accs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in cs:
+            clf.set_params(C=float(c)).fit(xt, digits["yt"])
+            sk_accs.append(float((clf.predict(xv) == digits["yv"]).mean()))
+    assert res.val_accuracy >= max(sk_accs) - 0.003
+    assert res.val_accuracy > 0.93
+    assert 1e-4 < res.best_C < 1e2  # not the degenerate end of the grid
+    # selection rule: best val accuracy, ties -> the smallest C
+    best = max(r["val_accuracy"] for r in res.sweep)
+    assert res.best_C == min(r["C"] for r in res.sweep if r["val_accuracy"] == best)
+    # the head is the selected model: its accuracies match the sweep's record
+    assert _acc(res.head, digits["xv"], digits["yv"]) == pytest.approx(res.val_accuracy, abs=1e-9)
+    assert _acc(res.head, digits["xt"], digits["yt"]) == pytest.approx(res.train_accuracy, abs=1e-9)
+    # warm starts make later Cs cheap: far fewer iterations than a cold start per C would need
+    assert all(r["iterations"] <= 100 for r in res.sweep)
+
+
+def test_folded_head_applies_to_raw_features(digits: dict[str, np.ndarray]) -> None:
+    """Rescaled/shifted features give the same problem after standardisation: the folded heads agree."""
+    rng = np.random.default_rng(1)
+    scale = rng.uniform(0.01, 100.0, size=64).astype(np.float32)
+    shift = rng.uniform(-50.0, 50.0, size=64).astype(np.float32)
+    d2 = {k: (v * scale + shift if k.startswith("x") else v) for k, v in digits.items()}
+    kw = {"device": "cpu", "dtype": torch.float64, "tol": 1e-7, "max_iter": 500}
+    a = fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], [0.1], **kw)
+    b = fit_linear_probe(d2["xt"], d2["yt"], d2["xv"], d2["yv"], [0.1], **kw)
+    with torch.no_grad():
+        la = a.head(torch.from_numpy(digits["xs"]).double())
+        lb = b.head(torch.from_numpy(d2["xs"]).double())
+    assert torch.equal(la.argmax(1), lb.argmax(1))
+    torch.testing.assert_close(la, lb, atol=1e-3, rtol=1e-3)
+    assert isinstance(b.head, nn.Linear) and b.head.weight.dtype == torch.float32
+    assert b.head.weight.shape == (10, 64)
+
+
+def test_constant_feature_is_harmless(digits: dict[str, np.ndarray]) -> None:
+    """Digits have all-zero pixels: std is clamped, the head stays finite and ignores them."""
+    assert (digits["xt"].std(0) == 0).any()
+    res = fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], [1.0], device="cpu")
+    assert torch.isfinite(res.head.weight).all() and torch.isfinite(res.head.bias).all()
+    const = torch.from_numpy(digits["xt"].std(0) == 0)
+    assert res.head.weight[:, const].abs().max() == 0
+
+
+def test_deterministic_and_json(digits: dict[str, np.ndarray]) -> None:
+    cs = np.logspace(-4, 1, 6)
+    a = fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], cs, device="cpu")
+    b = fit_linear_probe(
+        torch.from_numpy(digits["xt"]),
+        torch.from_numpy(digits["yt"]),
+        torch.from_numpy(digits["xv"]),
+        torch.from_numpy(digits["yv"]),
+        cs,
+        device="cpu",
+    )
+    assert torch.equal(a.head.weight, b.head.weight) and torch.equal(a.head.bias, b.head.bias)
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in a.sweep] == [strip(r) for r in b.sweep]
+    d = json.loads(json.dumps(a.to_dict()))
+    assert "head" not in d and d["best_C"] == a.best_C and len(d["sweep"]) == 6
+    assert set(d["sweep"][0]) >= {"C", "train_accuracy", "val_accuracy", "val_loss", "iterations"}
+
+
+def test_patience_stops_early_but_default_sweeps_all(digits: dict[str, np.ndarray]) -> None:
+    cs = np.logspace(-2, 4, 12)  # val accuracy peaks early on digits, then plateaus/falls
+    full = fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], cs, device="cpu")
+    short = fit_linear_probe(
+        digits["xt"], digits["yt"], digits["xv"], digits["yv"], cs, device="cpu", patience=2
+    )
+    assert len(full.sweep) == 12
+    assert len(short.sweep) < 12
+    assert [r["val_accuracy"] for r in short.sweep] == [r["val_accuracy"] for r in full.sweep][
+        : len(short.sweep)
+    ]
+
+
+def test_num_classes_larger_than_seen_labels() -> None:
+    """A class absent from the train split still gets a row in the head (it never wins)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (200,), generator=g)
+    x = torch.randn(200, 8, generator=g) + 3 * nn.functional.one_hot(y, 8).float()
+    res = fit_linear_probe(x[:150], y[:150], x[150:], y[150:], [1.0], num_classes=5, device="cpu")
+    assert res.head.out_features == 5 and res.num_classes == 5
+    assert res.val_accuracy > 0.9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"xt": np.zeros((10, 4, 1), np.float32)}, "2-D"),
+        ({"yt": np.zeros(9, np.int64)}, "10 rows but train_y has 9"),
+        ({"xv": np.zeros((5, 3), np.float32)}, "4 features but val_feats has 3"),
+        ({"xt": np.full((10, 4), np.nan, np.float32)}, "non-finite"),
+        ({"xv": np.full((5, 4), np.inf, np.float32)}, "non-finite"),
+        ({"yt": np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 7])}, r"\[0, 5\)"),
+        ({"yt": -np.ones(10, np.int64)}, "labels must lie"),
+        ({"yt": np.zeros(10, np.int64), "yv": np.zeros(5, np.int64)}, "at least 2"),
+        ({"yt": np.zeros(10, np.float32)}, "integer class indices"),
+        ({"cs": [0.0, 1.0]}, "positive"),
+        ({"cs": []}, "non-empty"),
+    ],
+)
+def test_input_validation(kwargs: dict, match: str) -> None:
+    rng = np.random.default_rng(0)
+    args = {
+        "xt": rng.normal(size=(10, 4)).astype(np.float32),
+        "yt": np.arange(10) % 5,
+        "xv": rng.normal(size=(5, 4)).astype(np.float32),
+        "yv": np.arange(5),
+        "cs": [1.0],
+    }
+    args.update(kwargs)
+    nc = 5 if "labels must lie" in match or "0, 5" in match else None
+    with pytest.raises(ValueError, match=match):
+        fit_linear_probe(args["xt"], args["yt"], args["xv"], args["yv"], args["cs"], num_classes=nc)
+
+
+# --------------------------------------------------------------------------------------------------
+# extract_features
+# --------------------------------------------------------------------------------------------------
+class _TinyModel(nn.Module):
+    """Stands in for DaftModel: uint8 images -> features(x) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(4, 3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.backbone(x.float() / 255.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _batches(n: int = 10, bs: int = 4, labels: bool = True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(n) % 3
+    for i in range(0, n, bs):
+        yield (x[i : i + bs], y[i : i + bs]) if labels else x[i : i + bs]
+
+
+def test_extract_features_shapes_and_modes() -> None:
+    model = _TinyModel().train()
+    model.backbone[1].eval()  # a frozen BN inside a training model must stay frozen
+    bn_mean = model.backbone[1].running_mean.clone()
+    feats, labels = extract_features(model, _batches())
+    assert feats.shape == (10, 4) and feats.dtype == torch.float32 and feats.device.type == "cpu"
+    assert labels is not None and labels.dtype == torch.int64 and labels.tolist() == [i % 3 for i in range(10)]
+    assert model.training and model.drop.training and not model.backbone[1].training
+    assert torch.equal(model.backbone[1].running_mean, bn_mean)  # no stats updated
+    # eval mode: dropout off, so extraction is repeatable
+    again, _ = extract_features(model, _batches())
+    assert torch.equal(feats, again)
+    assert not feats.requires_grad
+
+
+def test_extract_features_unlabelled_and_errors() -> None:
+    model = _TinyModel().eval()
+    feats, labels = extract_features(model, _batches(labels=False), device="cpu", progress=True)
+    assert feats.shape == (10, 4) and labels is None
+    assert not model.training
+    with pytest.raises(ValueError, match="no batches"):
+        extract_features(model, [])
+    mixed = [next(_batches()), next(_batches(labels=False))]
+    with pytest.raises(ValueError, match="carried labels"):
+        extract_features(model, mixed)
+    with pytest.raises(TypeError, match="features"):
+        extract_features(nn.Linear(2, 2), [torch.zeros(1, 2)])
+
+
+def test_probe_on_extracted_features_end_to_end() -> None:
+    """extract_features -> fit_linear_probe -> head plugs back into the model."""
+    model = _TinyModel()
+    feats, labels = extract_features(model, _batches(n=60, bs=16))
+    assert labels is not None
+    res = fit_linear_probe(feats[:40], labels[:40], feats[40:], labels[40:], [0.1, 1.0], device="cpu")
+    assert isinstance(res, ProbeResult)
+    model.head = res.head
+    with torch.no_grad():
+        out = model.eval()(next(_batches(n=4, bs=4))[0])
+    assert out.shape == (4, 3)
