@@ -15,6 +15,7 @@ default 100), so both solvers minimise the same objective under the same stoppin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -61,19 +62,20 @@ def sklearn_sweep(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scaler = StandardScaler().fit(xt)
     xts, xvs = scaler.transform(xt), scaler.transform(xv)
     clf = LogisticRegression(warm_start=True, max_iter=max_iter, tol=tol, random_state=0)
     accs: list[float] = []
     cum: list[float] = []
-    not_converged = 0
+    not_converged = iterations = 0
     for c in cs:
         clf.set_params(C=float(c))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always", ConvergenceWarning)
             clf.fit(xts, yt)
         not_converged += any(issubclass(x.category, ConvergenceWarning) for x in w)
+        iterations += int(np.max(clf.n_iter_))
         accs.append(float((clf.predict(xvs) == yv).mean()))
         cum.append(time.perf_counter() - t0)
         if cum[-1] > max_seconds:
@@ -81,6 +83,8 @@ def sklearn_sweep(
     best = int(np.argmax(accs))  # first max = smallest C, same tie rule as the torch probe
     return {
         "seconds": cum[-1],
+        "cpu_seconds": time.process_time() - c0,
+        "iterations": iterations,
         "cum_seconds": cum,
         "completed_cs": len(accs),
         "best_C": float(cs[best]),
@@ -102,14 +106,37 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tol", type=float, default=1e-4, help="gradient tolerance, both solvers")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="stop sklearn's sweep after this")
+    p.add_argument("--sep", type=float, default=0.3, help="class separation (0.3: ~73%% val accuracy)")
+    p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads for both solvers")
     p.add_argument("--skip-sklearn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
     n_val = a.n_val if a.n_val is not None else max(a.n // 5, 1)
     cs = LOGSPACE_CS if a.num_cs == 50 else np.logspace(-7, 2, a.num_cs)
-    xt, yt, xv, yv = make_features(a.n, n_val, a.dim, a.classes, a.rank, a.seed)
+    xt, yt, xv, yv = make_features(a.n, n_val, a.dim, a.classes, a.rank, a.seed, a.sep)
+    limits = contextlib.nullcontext()
+    if a.threads is not None:
+        from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
+        torch.set_num_threads(a.threads)
+        limits = threadpool_limits(limits=a.threads)
+
+    with limits:
+        return _run(a, cs, n_val, xt, yt, xv, yv)
+
+
+def _run(
+    a: argparse.Namespace,
+    cs: np.ndarray,
+    n_val: int,
+    xt: np.ndarray,
+    yt: np.ndarray,
+    xv: np.ndarray,
+    yv: np.ndarray,
+) -> dict:
+    """Torch sweep, then sklearn's, on the same features; one JSON line."""
+    c0 = time.process_time()
     res = fit_linear_probe(
         torch.from_numpy(xt),
         torch.from_numpy(yt),
@@ -120,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_iter=a.max_iter,
         tol=a.tol,
     )
+    torch_cpu = time.process_time() - c0
     out: dict = {
         "n": a.n,
         "n_val": n_val,
@@ -128,13 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
         "num_cs": len(cs),
         "max_iter": a.max_iter,
         "tol": a.tol,
+        "threads": a.threads,
         "device": str(a.device or ("cuda" if torch.cuda.is_available() else "cpu")),
         "torch_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch_seconds": round(res.seconds, 3),
+        "torch_cpu_seconds": round(torch_cpu, 3),
         "torch_best_C": res.best_C,
         "torch_val_accuracy": res.val_accuracy,
         "torch_total_iterations": int(sum(r["iterations"] for r in res.sweep)),
+        "torch_total_evaluations": int(sum(r["evaluations"] for r in res.sweep)),
     }
     if not a.skip_sklearn:
         sk = sklearn_sweep(xt, yt, xv, yv, cs, a.max_iter, a.tol, a.max_seconds)
@@ -144,11 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
         out.update(
             {
                 "sklearn_seconds": round(sk["seconds"], 3),
+                "sklearn_cpu_seconds": round(sk["cpu_seconds"], 3),
+                "sklearn_total_iterations": sk["iterations"],
                 "sklearn_completed_cs": m,
                 "sklearn_best_C": sk["best_C"],
                 "sklearn_val_accuracy": sk["val_accuracy"],
                 "sklearn_not_converged_cs": sk["not_converged_cs"],
                 "speedup": round(sk["seconds"] / res.seconds, 2) if m == len(cs) else None,
+                "cpu_time_speedup": round(sk["cpu_seconds"] / torch_cpu, 2) if m == len(cs) else None,
                 "speedup_on_completed_cs": round(sk["seconds"] / max(torch_prefix, 1e-9), 2),
                 "val_accuracy_gap_pt": round(100 * (torch_best_prefix - sk["val_accuracy"]), 3),
             }

@@ -46,14 +46,17 @@ class DataParams(_Strict):
     ood: dict[str, str] = Field(default_factory=dict)
     extra_ood: dict[str, str] = Field(default_factory=dict)
     image_size: int = Field(64, ge=8, le=1024)
-    max_per_split: int | None = Field(None, ge=10)
+    grayscale: bool = False
+    on_bad_image: Literal["error", "skip"] = "error"
 
     @model_validator(mode="after")
     def _fractions(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1 so training data is left")
-        if self.preset == "imagefolder" and not (self.id_train and self.id_test):
-            raise ValueError("preset 'imagefolder' needs data.id_train and data.id_test directories")
+        if self.preset == "imagefolder" and not (self.root or (self.id_train and self.id_test)):
+            raise ValueError(
+                "preset 'imagefolder' needs data.root (with id_train/ and id_test/) or data.id_train and data.id_test"
+            )
         if self.preset == "cifar10" and not self.root:
             raise ValueError("preset 'cifar10' needs data.root (the folder holding the dataset files)")
         return self

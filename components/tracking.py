@@ -50,8 +50,10 @@ import json
 import logging
 import numbers
 import os
+import re
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -64,6 +66,7 @@ __all__ = [
     "PARENT_TAG",
     "StepTracker",
     "TrackingError",
+    "check_reachable",
     "data_digest",
     "pipeline_run_id",
     "repo_root",
@@ -316,10 +319,15 @@ def check_reachable(uri: str | None = None) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+_KEY_OK = re.compile(r"[^\w\-. /]")
+
+
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys; characters MLflow refuses in keys (e.g. from OOD set names) -> "_"."""
     out: dict[str, Any] = {}
     for k, v in obj.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
+        k = _KEY_OK.sub("_", str(k))
+        key = f"{prefix}.{k}" if prefix else k
         if isinstance(v, Mapping):
             out.update(_flatten(v, key))
         else:
@@ -522,7 +530,8 @@ class StepTracker:
 
         Returns the new version (None when tracking is disabled). Version tags: ``stage``, ``method``,
         ``source_version`` (the version this model was derived from, or "none"), ``run_id``,
-        ``pipeline_run_id``.
+        ``pipeline_run_id``. `input_example`: one or two inputs as the model takes them (e.g. uint8
+        (N, C, H, W) images; cut to 2 rows), stored with the model and used to infer its signature.
         """
         if not self.enabled:
             return None
@@ -574,27 +583,29 @@ def _safe_name(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in s) or "model"
 
 
-def _to_numpy(x: Any) -> Any:
+def _to_numpy(x: Any, max_rows: int = 2) -> Any:
+    """A tensor/array input example as numpy, cut to `max_rows` (it is stored as JSON next to the model)."""
     if x is None:
         return None
     detach = getattr(x, "detach", None)
     if callable(detach):
-        return detach().cpu().numpy()
-    return x
+        x = detach().cpu().numpy()
+    return x[:max_rows] if getattr(x, "ndim", 0) >= 1 else x
 
 
 def _dataset_source(data_dir: str | os.PathLike[str]) -> Any:
     """A source pointing at data_dir: a URI (s3://...) as is, a local path as a file:// URI."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
     s = str(data_dir)
     if "://" not in s:
         s = Path(s).resolve().as_uri()
     try:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-        return resolve_dataset_source(s)
-    except Exception:
+        with warnings.catch_warnings():  # "file" and "" both map to LocalArtifactDatasetSource: harmless
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(s)
+    except Exception:  # a scheme without an MLflow artifact repository: keep the URI as is
         return HTTPDatasetSource(url=s)
 
 
@@ -627,7 +638,7 @@ def _global_uri(uri: str) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _experiment_id(client: Any, uri: str, name: str) -> str:
+def _experiment_id(client: Any, uri: str, name: str, artifact_location: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     exp = _retry(uri, "get experiment", lambda: client.get_experiment_by_name(name))
@@ -636,7 +647,7 @@ def _experiment_id(client: Any, uri: str, name: str) -> str:
             _retry(uri, "restore experiment", lambda: client.restore_experiment(exp.experiment_id))
         return exp.experiment_id
     try:
-        return _retry(uri, "create experiment", lambda: client.create_experiment(name))
+        return _retry(uri, "create experiment", lambda: client.create_experiment(name, artifact_location))
     except MlflowException as err:  # created by a concurrent step
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -662,7 +673,8 @@ def _find_or_create_parent(client: Any, uri: str, exp_id: str, pipeline_id: str)
         lambda: client.create_run(exp_id, run_name=f"pipeline-{pipeline_id[:8]}", tags=tags),
     )
     mine = run.info.run_id
-    winner = _parents(client, uri, exp_id, pipeline_id)[0].info.run_id
+    found = _parents(client, uri, exp_id, pipeline_id)
+    winner = found[0].info.run_id if found else mine
     if winner != mine:  # lost a creation race with a concurrent step
         log.info("parent run created concurrently; using %s", winner)
         _retry(uri, "delete duplicate parent", lambda: client.delete_run(mine))
@@ -697,7 +709,11 @@ def step_run(
     client = _client(uri)
     t0 = time.monotonic()
     _retry(uri, "connect", lambda: client.search_experiments(max_results=1))
-    exp_id = _experiment_id(client, uri, experiment)
+    # With the default sqlite store, artifacts go next to it (<repo>/mlartifacts, git-ignored) whatever the
+    # cwd; with a server, its own artifact root (e.g. --artifacts-destination s3://...) applies.
+    default_store = not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    location = (repo_root() / "mlartifacts").as_uri() if default_store else None
+    exp_id = _experiment_id(client, uri, experiment, location)
     parent_id = _find_or_create_parent(client, uri, exp_id, pipeline_id)
     run_name = f"{step}[{method}]" if method else step
     tags = {

@@ -55,6 +55,15 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise TypeError(f"batches must be tensors or (x, y) pairs, got {type(batch).__name__}")
 
 
+def _maybe_tqdm(total: int | None, desc: str, iterable: Iterable[Any] | None = None) -> Any:
+    """A tqdm bar that shows only on a terminal (``disable=None``); None when tqdm is missing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a project dependency, but the core must not need it
+        return None
+    return tqdm(iterable, total=total, desc=desc, disable=None, leave=False)
+
+
 def _module_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
@@ -84,12 +93,8 @@ def extract_features(
     modes = [(m, m.training) for m in model.modules()]
     it: Iterable[Any] = batches
     if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            it = tqdm(batches, desc="features", unit="batch", disable=None, leave=False)
-        except ImportError:  # tqdm is a project dependency, but the core must not need it
-            pass
+        bar = _maybe_tqdm(None, "features", iterable=batches)
+        it = bar if bar is not None else batches
     feats: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     n_labelled = n_batches = 0
@@ -142,7 +147,10 @@ class ProbeResult:
         """JSON-able summary without the head's weights."""
         d = asdict(self)  # deep-copies the Linear too; cheap for a head, keeps the code obvious
         d.pop("head")
-        d["sweep"] = [{k: (int(v) if k in ("iterations", "evaluations") else float(v)) for k, v in r.items()} for r in self.sweep]
+        d["sweep"] = [
+            {k: (int(v) if k in ("iterations", "evaluations") else float(v)) for k, v in r.items()}
+            for r in self.sweep
+        ]
         return d
 
 
@@ -154,7 +162,7 @@ def _as_tensor(a: Any, name: str) -> torch.Tensor:
         return a.detach()
     try:
         return torch.as_tensor(np.asarray(a))
-    except Exception as e:  # noqa: BLE001 - re-raised with a clear message
+    except Exception as e:
         raise ValueError(f"{name} must be a tensor or array-like: {e}") from e
 
 
@@ -217,6 +225,35 @@ def _pick_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
+_CHUNK = 8192  # rows per chunk when touching features in float64 (bounds the extra memory)
+
+
+def _moments(x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train mean and population std in float64 (two passes, chunked); tiny stds become 1."""
+    n = x.shape[0]
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
+    for i in range(0, n, _CHUNK):
+        total += x[i : i + _CHUNK].to(dev, torch.float64).sum(0)
+    mean = total / n
+    sq = torch.zeros_like(mean)
+    for i in range(0, n, _CHUNK):
+        sq += (x[i : i + _CHUNK].to(dev, torch.float64) - mean).square().sum(0)
+    std = (sq / n).sqrt()
+    return mean, torch.where(std < _STD_FLOOR, torch.ones_like(std), std)
+
+
+def _standardise_aug(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dev: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``[(x - mean) / std, 1]`` on ``dev`` in the solver's dtype; the ones column carries the bias."""
+    n, dim = x.shape
+    out = torch.empty(n, dim + 1, device=dev, dtype=dtype)
+    out[:, dim] = 1.0
+    for i in range(0, n, _CHUNK):
+        out[i : i + _CHUNK, :dim] = ((x[i : i + _CHUNK].to(dev, torch.float64) - mean) / std).to(dtype)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Objective and solver
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +298,7 @@ class _Objective:
 class _LBFGS:
     """Minimal full-batch L-BFGS with Armijo backtracking, whose memory survives a change of ``lam``."""
 
-    def __init__(self, history: int = 10) -> None:
+    def __init__(self, history: int = 30) -> None:
         self.history = history
         self.s: list[torch.Tensor] = []
         self.y: list[torch.Tensor] = []
@@ -353,8 +390,9 @@ def fit_linear_probe(
     dtype: torch.dtype = torch.float32,
     max_iter: int = 100,
     tol: float = 1e-4,
-    history: int = 10,
+    history: int = 30,
     patience: int | None = None,
+    progress: bool = False,
 ) -> ProbeResult:
     """Sweep C (increasing, warm-started) for an L2 multinomial logistic probe; keep the best ID-val C.
 
@@ -365,8 +403,11 @@ def fit_linear_probe(
     under distribution shift). ``patience=k`` optionally stops the sweep after ``k`` consecutive Cs
     without a new best val accuracy; the default (None) sweeps the whole grid, as the paper does.
     ``device`` defaults to CUDA when available; ``dtype`` float64 is available for exactness.
-    Two-class problems are solved as a 2-way softmax (sklearn >= 1.5 uses a single binary weight vector
-    there, equivalent to ours at C/2... only up to that reparametrisation).
+    Two-class problems are solved as a 2-way softmax; sklearn fits those with one binary weight vector,
+    which is the same model as our 2-way softmax at 2C (the softmax splits w into +w/2 and -w/2).
+    In float32 an extra stop rule ends a C once the loss decrease falls to float32 working precision
+    (relative 64 eps, as scipy's ftol); float64 makes that rule as strict as sklearn's.
+    ``progress`` shows a tqdm bar over the Cs when stderr is a terminal.
     """
     t0 = time.perf_counter()
     xt, yt, xv, yv, k = _validate(train_feats, train_y, val_feats, val_y, num_classes)
@@ -378,16 +419,9 @@ def fit_linear_probe(
     dev = _pick_device(device)
     n, dim = xt.shape
 
-    # Standardise with train statistics (computed in float64), then append the bias column.
-    xt64 = xt.to(dev, torch.float64)
-    mean = xt64.mean(0)
-    std = xt64.std(0, unbiased=False)
-    std = torch.where(std < _STD_FLOOR, torch.ones_like(std), std)
-    ones_t = torch.ones(n, 1, device=dev, dtype=dtype)
-    x_train = torch.cat([((xt64 - mean) / std).to(dtype), ones_t], dim=1)
-    del xt64
-    xv_std = ((xv.to(dev, torch.float64) - mean) / std).to(dtype)
-    x_val = torch.cat([xv_std, torch.ones(xv.shape[0], 1, device=dev, dtype=dtype)], dim=1)
+    mean, std = _moments(xt, dev)
+    x_train = _standardise_aug(xt, mean, std, dev, dtype)
+    x_val = _standardise_aug(xv, mean, std, dev, dtype)
     y_train, y_val = yt.to(dev), yv.to(dev)
 
     fun = _Objective(x_train, y_train, k)
@@ -397,6 +431,7 @@ def fit_linear_probe(
     best: tuple[float, float, float, torch.Tensor] | None = None  # (val_acc, C, train_acc, theta)
     sweep: list[dict[str, float]] = []
     since_best = 0
+    bar = _maybe_tqdm(len(cs), "probe C sweep") if progress else None
     for c in cs:
         tc = time.perf_counter()
         lam = 1.0 / (float(c) * n)
@@ -424,6 +459,9 @@ def fit_linear_probe(
             }
         )
         logger.debug("C=%.3g iters=%d train_acc=%.4f val_acc=%.4f", c, iters, train_acc, val_acc)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(C=f"{c:.2g}", val_acc=f"{val_acc:.4f}")
         if best is None or val_acc > best[0]:  # strict: ties keep the smaller C
             best = (val_acc, float(c), train_acc, theta.clone())
             since_best = 0
@@ -432,6 +470,8 @@ def fit_linear_probe(
             if patience is not None and since_best >= patience:
                 logger.info("probe sweep stopped early after %d Cs without improvement", since_best)
                 break
+    if bar is not None:
+        bar.close()
     assert best is not None
     val_acc, best_c, train_acc, theta_best = best
 

@@ -88,8 +88,11 @@ def start_process(cmd: list[str], env: dict[str, str], log_path: Path) -> subpro
         log_file.close()  # the child keeps its own descriptor
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM the process group (the server and its workers), SIGKILL after `timeout`."""
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 4) -> None:
+    """SIGTERM the process group (the server and its workers), SIGKILL after `timeout`.
+
+    Test servers hold nothing worth a graceful shutdown, and uvicorn would otherwise wait for the
+    keep-alive connections of the test process's HTTP sessions."""
     if proc.poll() is not None:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -172,6 +175,9 @@ def run_mlflow_server(workdir: Path, s3: S3Server, prefix: str = "mlartifacts") 
     destination = f"s3://{s3.bucket}/{prefix}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(s3.env)
+    # No job runner (a huey consumer process for GenAI evaluation jobs): nothing here uses it, and on a
+    # busy CI box it competes with the server's own start-up.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     cmd = [
         sys.executable,
         "-m",

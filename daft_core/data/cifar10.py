@@ -11,7 +11,6 @@ Expected under ``root`` (each location can be overridden):
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -220,7 +219,3 @@ def find_cifar101_dir(root: Path) -> Path:
         if any(cand.glob("cifar10.1_*_data.npy")):
             return cand
     return root / "CIFAR-10.1"
-
-
-def as_path(p: str | os.PathLike[str] | None, default: Path) -> Path:
-    return Path(p) if p is not None else default

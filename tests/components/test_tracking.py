@@ -231,13 +231,16 @@ def test_default_uri_is_sqlite_in_repo_root(tmp_path, monkeypatch):
     assert tracking_uri() == f"sqlite:///{(root / 'mlflow.db').resolve().as_posix()}"
     pid = pipeline_run_id('{"a": 1}')
     with step_run("prepare_data", {"seed": 1}, experiment="daft", pipeline_id=pid) as t:
-        t.log_metrics({"count": 3})
+        t.log_metrics({"count": 3, "ood": {"my set(1)": 0.5}})
+        t.log_dict({"a": 1}, "a.json")
         run_id = t.run_id
     assert (root / "mlflow.db").is_file()
+    assert list((root / "mlartifacts").rglob("a.json"))  # artifacts next to the db, not in the cwd
     import mlflow
 
     run = mlflow.MlflowClient(tracking_uri=tracking_uri()).get_run(run_id)
-    assert run.data.metrics == {"count": 3.0} and run.info.status == "FINISHED"
+    assert run.data.metrics == {"count": 3.0, "ood.my set_1_": 0.5}
+    assert run.info.status == "FINISHED"
 
 
 def test_unreachable_server_fails_fast(tmp_path, monkeypatch):

@@ -1,0 +1,103 @@
+"""Step 4: linear probing: frozen features once, logistic-regression C sweep chosen on ID val."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from components.common import (
+    MODEL_FILE,
+    STAGE_ALIASES,
+    Timer,
+    atomic_dir,
+    base_parser,
+    cli,
+    input_example,
+    load_data,
+    model_file,
+    params_from_args,
+    resolve_device,
+    source_version,
+    tracked,
+    write_json,
+)
+from components.params import Params
+
+log = logging.getLogger(__name__)
+
+
+def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from daft_core.data import iterate_batches
+    from daft_core.models import load_model, save_model
+    from daft_core.probe import extract_features, fit_linear_probe
+
+    timer = Timer()
+    lp = params.linear_probe
+    with tracked(params, "linear_probe", {"linear_probe": lp.model_dump(mode="json")}, method="lp") as tracker:
+        bundle = load_data(data_dir)
+        source = load_model(model_file(model_in))
+        device = resolve_device(lp.device)
+        source.to(device)
+        feats = {}
+        for name, ds in (("train", bundle.train), ("val", bundle.val)):
+            feats[name] = extract_features(
+                source, iterate_batches(ds, lp.batch_size, device=device), device, progress=True
+            )
+        source.cpu()
+        log.info("features: train %s, val %s", tuple(feats["train"][0].shape), tuple(feats["val"][0].shape))
+        result = fit_linear_probe(
+            *feats["train"],
+            *feats["val"],
+            Cs=np.logspace(np.log10(lp.c_min), np.log10(lp.c_max), lp.num_cs),
+            num_classes=len(bundle.class_names),
+            device=device,
+        )
+        with torch.no_grad():
+            source.head.weight.copy_(result.head.weight)
+            source.head.bias.copy_(result.head.bias)
+        sweep = result.to_dict()
+        with atomic_dir(out_dir) as tmp:
+            save_model(source, tmp / MODEL_FILE, extra={"stage": "linear_probe", "bn_converted": False})
+            write_json(tmp / "probe.json", sweep)
+        for i, row in enumerate(result.sweep):
+            tracker.log_metrics({"sweep.val_accuracy": row["val_accuracy"], "sweep.C": row["C"]}, step=i)
+        tracker.log_metrics(
+            {"best_C": result.best_C, "val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy}
+        )
+        tracker.log_model(
+            source,
+            registered_model=params.pipeline.registered_model,
+            stage="linear_probe",
+            method="lp",
+            alias=STAGE_ALIASES["linear_probe"],
+            input_example=input_example(bundle),
+            source_version=source_version(params, "pretrained"),
+        )
+        log.info(
+            "probe: best C %.3g, ID val %.4f (sweep of %d in %.1fs)",
+            result.best_C,
+            result.val_accuracy,
+            len(result.sweep),
+            result.seconds,
+        )
+        return {"best_C": result.best_C, "val_accuracy": result.val_accuracy, "seconds": timer.seconds}
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--model", required=True, help="input model directory (the pretrained step's output)")
+    p.add_argument("--data", required=True, help="prepared dataset directory")
+    p.add_argument("--out", required=True, help="output model directory")
+    args = p.parse_args(argv)
+    run(params_from_args(args), args.model, args.data, args.out)
+
+
+main = cli(_main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

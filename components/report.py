@@ -1,0 +1,174 @@
+"""Step 7: one table and plots across methods; the `champion` alias goes to the best method by ID val."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from components.common import (
+    STAGE_ALIASES,
+    StepError,
+    Timer,
+    atomic_dir,
+    base_parser,
+    cli,
+    params_from_args,
+    read_json,
+    tracked,
+    write_json,
+)
+from components.params import Params
+
+log = logging.getLogger(__name__)
+METHOD_ORDER = ("lp", "ft", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
+
+
+def collect(metrics_dir: str | Path) -> list[dict[str, Any]]:
+    files = sorted(p for p in Path(metrics_dir).glob("*.json") if not p.name.endswith(".details.json"))
+    if not files:
+        raise StepError(f"no per-method metrics in {metrics_dir}; run the evaluate stages first")
+    rows = [read_json(p) for p in files]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(rows, key=lambda r: (order.get(r["method"], len(order)), r["method"]))
+
+
+def champion(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best by ID val only (the ID test set is never used for selection); ties go to the earlier method."""
+    return max(rows, key=lambda r: r["id_val_accuracy"])
+
+
+def markdown_table(rows: list[dict[str, Any]], best: str) -> str:
+    ood_names = list(rows[0]["ood"])
+    head = ["method", "ID val", "ID test", *[f"OOD {n}" for n in ood_names], "OOD mean", "L2 ID", "L2 OOD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        d = r.get("distortion") or {}
+        cells = [
+            r["method"] + (" (champion)" if r["method"] == best else ""),
+            _pct(r["id_val_accuracy"]),
+            _pct(r["id_test_accuracy"]),
+            *[_pct(r["ood"].get(n)) for n in ood_names],
+            _pct(r.get("ood_mean_accuracy")),
+            _num(d.get("id_test_l2")),
+            _num(d.get("ood_l2")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r["method"] for r in rows]
+    ood_names = list(rows[0]["ood"])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        ax.scatter(100 * r["id_test_accuracy"], 100 * (r["ood_mean_accuracy"] or 0), s=60)
+        ax.annotate(r["method"], (100 * r["id_test_accuracy"], 100 * (r["ood_mean_accuracy"] or 0)))
+    ax.set(xlabel="ID test accuracy (%)", ylabel="mean OOD accuracy (%)", title="ID vs OOD accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "id_vs_ood.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(methods) * max(1, len(ood_names))), 4.5))
+    width = 0.8 / (len(ood_names) + 1)
+    for j, name in enumerate(["id_test", *ood_names]):
+        vals = [100 * (r["id_test_accuracy"] if name == "id_test" else r["ood"][name]) for r in rows]
+        ax.bar([i + j * width for i in range(len(rows))], vals, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], methods)
+    ax.set(ylabel="accuracy (%)", title="Accuracy per set")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ood_accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    id_l2 = [(r.get("distortion") or {}).get("id_test_l2") or 0 for r in rows]
+    ood_l2 = [(r.get("distortion") or {}).get("ood_l2") or 0 for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], id_l2, 0.4, label="ID test")
+    ax.bar([x + 0.2 for x in xs], ood_l2, 0.4, label="OOD")
+    ax.set_xticks(list(xs), methods)
+    ax.set(ylabel="mean L2 feature change vs pretrained", title="Feature distortion")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "distortion.png", dpi=120)
+    plt.close(fig)
+
+
+def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    timer = Timer()
+    with tracked(params, "report", {}) as tracker:
+        rows = collect(metrics_dir)
+        best = champion(rows)
+        table = markdown_table(rows, best["method"])
+        summary = {
+            "champion": best["method"],
+            "champion_id_val_accuracy": best["id_val_accuracy"],
+            "methods": {
+                r["method"]: {
+                    "id_val_accuracy": r["id_val_accuracy"],
+                    "id_test_accuracy": r["id_test_accuracy"],
+                    "ood_mean_accuracy": r.get("ood_mean_accuracy"),
+                    **{f"ood_{k}": v for k, v in r["ood"].items()},
+                }
+                for r in rows
+            },
+        }
+        accuracy_points = [
+            {
+                "method": r["method"],
+                "id_test_accuracy": r["id_test_accuracy"],
+                "ood_accuracy": r.get("ood_mean_accuracy"),
+            }
+            for r in rows
+        ]
+        with atomic_dir(out_dir) as tmp:
+            (tmp / "table.md").write_text(table)
+            write_json(tmp / "summary.json", summary)
+            write_json(tmp / "accuracy.json", accuracy_points)
+            plot(rows, tmp)
+        for png in ("id_vs_ood.png", "ood_accuracy.png", "distortion.png"):
+            tracker.log_artifact(str(Path(out_dir) / png))
+        tracker.log_artifact(str(Path(out_dir) / "table.md"))
+        if params.pipeline.tracking:
+            from components import tracking
+
+            name = params.pipeline.registered_model
+            version = tracking.version_for_alias(name, STAGE_ALIASES[best["method"]])
+            if version is not None:
+                tracking.set_alias(name, "champion", version)
+                summary["champion_version"] = version
+                log.info("champion: %s (version %s of %s)", best["method"], version, name)
+        tracker.log_metrics({"champion_id_val_accuracy": best["id_val_accuracy"]})
+        print(table)
+        log.info("report written to %s in %.1fs", out_dir, timer.seconds)
+        return summary
+
+
+def _main(argv: Sequence[str] | None) -> None:
+    p = base_parser(__doc__ or "")
+    p.add_argument("--metrics", required=True, help="directory of per-method metrics JSON files")
+    p.add_argument("--out", required=True, help="report directory")
+    args = p.parse_args(argv)
+    run(params_from_args(args), args.metrics, args.out)
+
+
+main = cli(_main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
