@@ -170,7 +170,8 @@ def _run(
     if not a.skip_sklearn:
         sk = sklearn_sweep(xt, yt, xv, yv, cs, a.max_iter, a.tol, a.max_seconds)
         m = sk["completed_cs"]
-        torch_prefix = sum(r["seconds"] for r in res.sweep[:m])
+        setup = res.seconds - sum(r["seconds"] for r in res.sweep)  # standardise, preconditioner
+        torch_prefix = setup + sum(r["seconds"] for r in res.sweep[:m])
         torch_best_prefix = max(r["val_accuracy"] for r in res.sweep[:m])
         out.update(
             {

@@ -1,0 +1,571 @@
+"""FT vs LP vs LP-FT vs DAFT (and DAFT's two ablations): ID/OOD accuracy and feature distortion over seeds.
+
+    python -m benchmarks.compare_methods --preset digits --seeds 3 [--epochs 4] [--input-size 48]
+        [--methods ft,lp,lp_ft,daft,daft_bn_only,daft_fast_head_only] [--no-sweep] [--out PREFIX]
+        [--max-train N] [--model efficientnet_lite0 --weights imagenet] [--threads N]
+
+Prints a table and, as its last stdout line, ONE JSON line; progress (method, seed, lrs, ID val, seconds)
+goes to stderr. ``--out PREFIX`` also writes ``PREFIX.md`` and ``PREFIX.json`` (rewritten after every
+method, so an interrupted run leaves its partial results).
+
+Protocol (what is measured, and how hyper-parameters are chosen):
+
+- Data: ``load_preset(preset, seed=--data-seed)``; the split and the OOD sets are the same for every run.
+  Seeds vary only the fine-tuning seed (``FinetuneConfig.seed``: head init, shuffling, augmentation), so
+  every method is scored on the same ID test and OOD images.
+- Model: ``build_model(--model, weights=--weights, num_classes=..., input_size=--input-size)``; the
+  pristine pretrained model is the reference for feature distortion.
+- LP: ``fit_linear_probe`` on frozen features with the paper's ``logspace(-7, 2, 50)`` C sweep, chosen on ID
+  val. It is deterministic (no augmentation, full-batch solver), so its std over seeds is 0 by
+  construction; it is fitted once and reported for every seed.
+- FT / LP-FT / DAFT: ``finetune`` with the recipe of that name (LP-FT starts from the LP head; DAFT converts
+  BN inside ``finetune``), the pipeline's loop settings (SGD momentum 0.9, no weight decay, cosine
+  schedule, random-resized-crop, no flip: digits are not mirror-symmetric), best epoch chosen on ID val.
+- Learning rates: a small grid per method, run on seed 0 only and selected by best ID-val accuracy (ties:
+  the earlier grid entry); the selected lrs are reused for the other seeds, and the seed-0 sweep run of the
+  selected lrs *is* the seed-0 result (ID test and OOD sets are never looked at during selection).
+  The ablations, by default, are not swept: ``daft_bn_only`` reuses FT's selected lr and
+  ``daft_fast_head_only`` reuses DAFT's selected (head, backbone) lrs, so each differs from its parent in
+  exactly one component. ``--grid daft_bn_only=0.01,0.03`` sweeps one anyway.
+- Metrics, from ``daft_core.evaluate.evaluate(model, sets, reference=pretrained)``: accuracy on ID test and
+  on every OOD set; feature distortion (mean L2 distance and mean cosine similarity between the model's
+  and the pretrained model's penultimate features) on ID test and on every OOD set; ``ood_mean`` is the
+  unweighted mean over the OOD sets. Mean and std (sample std, ddof=1; 0 for a single seed) over seeds.
+
+Grid syntax (``--grid``/``--lr``): ``METHOD=LR[,LR...]`` for one-lr methods (head and backbone share it)
+and ``METHOD=HEAD:BACKBONE[,HEAD:BACKBONE...]`` for two-lr methods; repeat the flag per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from daft_core.augment import AugmentConfig
+from daft_core.data import iterate_batches, load_preset
+from daft_core.evaluate import evaluate
+from daft_core.finetune import FinetuneConfig, NonFiniteLossError, finetune
+from daft_core.models import build_model
+from daft_core.probe import LOGSPACE_CS, extract_features, fit_linear_probe
+from daft_core.recipes import get_recipe
+
+log = logging.getLogger("benchmarks.compare_methods")
+
+ALL_METHODS = ("ft", "lp", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
+FINETUNED = ("ft", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
+TWO_LR = ("daft", "daft_fast_head_only")  # head lr >> backbone lr; the others use one lr for both
+# Ablations inherit their parent's selected lrs unless given a grid of their own.
+PARENT = {"daft_bn_only": "ft", "daft_fast_head_only": "daft"}
+# Run order: DAFT first (the method under study), and a parent before its ablation.
+ORDER = ("lp", "daft", "ft", "lp_ft", "daft_fast_head_only", "daft_bn_only")
+
+LrPair = tuple[float, float]  # (head_lr, backbone_lr)
+
+# The default sweep grids (seed 0, selected on ID val). Scale, for EfficientNet-Lite0 at 48 px on digits:
+# its 1280-d penultimate features have norms ~60, so a zero-initialised head trained by SGD (momentum 0.9,
+# batch 64) on raw features is best at head lr ~3e-3..3e-2 and diverges in loss beyond ~0.1 (the paper's
+# ResNet-50 head lrs of 0.1-10 do not transfer); the backbone lrs straddle 1e-3.
+DEFAULT_GRIDS: dict[str, list[LrPair]] = {
+    "ft": [(lr, lr) for lr in (1e-2, 3e-2, 1e-1)],
+    "lp_ft": [(lr, lr) for lr in (1e-3, 3e-3, 1e-2)],
+    "daft": [(h, b) for h in (1e-2, 3e-2) for b in (1e-3, 1e-2)],
+}
+# Used with --no-sweep (and for ablations whose parent is not run).
+DEFAULT_LRS: dict[str, LrPair] = {
+    "ft": (3e-2, 3e-2),
+    "lp_ft": (3e-3, 3e-3),
+    "daft": (1e-2, 1e-3),
+    "daft_bn_only": (3e-2, 3e-2),
+    "daft_fast_head_only": (1e-2, 1e-3),
+}
+
+
+# ------------------------------------------------------------------------------------------------ args
+
+
+def _parse_lrs(method: str, spec: str) -> list[LrPair]:
+    out: list[LrPair] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if ":" in item:
+            h, b = item.split(":", 1)
+            pair = (float(h), float(b))
+        else:
+            pair = (float(item), float(item))
+        if not all(math.isfinite(v) and v >= 0 for v in pair):
+            raise ValueError(f"{method}: learning rates must be finite and >= 0, got {item!r}")
+        out.append(pair)
+    if not out:
+        raise ValueError(f"{method}: empty learning-rate list")
+    return out
+
+
+def _method_map(items: Sequence[str] | None, flag: str) -> dict[str, list[LrPair]]:
+    out: dict[str, list[LrPair]] = {}
+    for item in items or ():
+        method, sep, spec = item.partition("=")
+        method = method.strip()
+        if not sep or method not in FINETUNED:
+            raise SystemExit(f"{flag} {item!r}: expected METHOD=LRS with METHOD in {', '.join(FINETUNED)}")
+        out[method] = _parse_lrs(method, spec)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare_methods",
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--data-seed", type=int, default=0, help="split/OOD seed, fixed across fine-tuning seeds")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=48)
+    p.add_argument("--model", default="efficientnet_lite0", help="a name in daft_core.MODEL_REGISTRY")
+    p.add_argument("--weights", default="imagenet", help="'imagenet', a checkpoint path, or 'none' (random)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset")
+    p.add_argument("--no-sweep", action="store_true", help="no lr sweep: use --lr values or the defaults")
+    p.add_argument("--grid", action="append", metavar="METHOD=LRS", help="override a method's sweep grid")
+    p.add_argument("--lr", action="append", metavar="METHOD=LR", help="lrs for --no-sweep (one entry)")
+    p.add_argument("--max-train", type=int, default=None, help="subsample ID train (smoke tests)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.json")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ stats
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "n": int(arr.size)}
+
+
+def _flat_metrics(ev: dict[str, Any], ood_names: Sequence[str]) -> dict[str, float]:
+    """evaluate()'s nested output -> flat ``acc.<set>``, ``dist_l2.<set>``, ``dist_cos.<set>``, + ood_mean."""
+    sets = ev["sets"]
+    out: dict[str, float] = {}
+    for name, r in sets.items():
+        out[f"acc.{name}"] = float(r["accuracy"])
+        fd = r.get("feature_distortion")
+        if fd is not None:
+            out[f"dist_l2.{name}"] = float(fd["l2_mean"])
+            out[f"dist_cos.{name}"] = float(fd["cosine_mean"])
+    if ood_names:
+        for key in ("acc", "dist_l2", "dist_cos"):
+            vals = [out[f"{key}.{n}"] for n in ood_names if f"{key}.{n}" in out]
+            if vals:
+                out[f"{key}.ood_mean"] = float(np.mean(vals))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def _finetune_config(args: argparse.Namespace, seed: int) -> FinetuneConfig:
+    # Same loop settings as params.yaml's finetune section (the pipeline this benchmark informs).
+    return FinetuneConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        momentum=0.9,
+        weight_decay=0.0,
+        seed=seed,
+        device=args.device,
+        augment=AugmentConfig(hflip=False, random_resized_crop=True, scale=(0.7, 1.0)),
+    )
+
+
+def _run_one(
+    method: str,
+    lrs: LrPair,
+    seed: int,
+    pretrained: torch.nn.Module,
+    bundle: Any,
+    args: argparse.Namespace,
+    probe_head: torch.nn.Linear | None,
+) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """One fine-tuning run; returns (best-val model or None if it diverged, record)."""
+    recipe = get_recipe(method, head_lr=lrs[0], backbone_lr=lrs[1])
+    model = copy.deepcopy(pretrained)
+    start = time.perf_counter()
+    record: dict[str, Any] = {"seed": seed, "head_lr": lrs[0], "backbone_lr": lrs[1]}
+    try:
+        res = finetune(
+            model,
+            bundle.train,
+            bundle.val,
+            recipe,
+            _finetune_config(args, seed),
+            probe_head=probe_head if recipe.head_init == "probe" else None,
+        )
+    except NonFiniteLossError as e:
+        record.update(val_accuracy=None, best_epoch=None, seconds=time.perf_counter() - start, error=str(e))
+        log.warning("%s seed %d lr %g/%g diverged: %s", method, seed, lrs[0], lrs[1], e)
+        return None, record
+    record.update(
+        val_accuracy=float(res.best_val_accuracy),
+        best_epoch=int(res.best_epoch),
+        val_curve=[round(float(h["val_accuracy"]), 4) for h in res.history],
+        seconds=time.perf_counter() - start,
+    )
+    log.info(
+        "%-20s seed %d  lr head %-7g backbone %-7g  ID val %.4f (epoch %d)  %.1fs",
+        method,
+        seed,
+        lrs[0],
+        lrs[1],
+        record["val_accuracy"],
+        record["best_epoch"],
+        record["seconds"],
+    )
+    return res.model, record
+
+
+def _select(sweep: Sequence[dict[str, Any]]) -> int:
+    """Index of the best ID-val accuracy (ties: earliest); diverged runs (None) never win."""
+    best, best_acc = -1, -math.inf
+    for i, r in enumerate(sweep):
+        acc = r.get("val_accuracy")
+        if acc is not None and acc > best_acc:
+            best, best_acc = i, acc
+    if best < 0:
+        raise RuntimeError("every configuration of the sweep diverged; lower the learning rates")
+    return best
+
+
+def _eval_sets(bundle: Any) -> dict[str, Any]:
+    return {"id_test": bundle.test, **bundle.ood}
+
+
+def _evaluate(model: torch.nn.Module, pretrained: torch.nn.Module, bundle: Any) -> dict[str, float]:
+    start = time.perf_counter()
+    ev = evaluate(model, _eval_sets(bundle), reference=pretrained)
+    out = _flat_metrics(ev, list(bundle.ood))
+    log.info(
+        "  eval: ID test %.4f, %s  (%.1fs)",
+        out["acc.id_test"],
+        ", ".join(f"{n} {out[f'acc.{n}']:.4f}" for n in bundle.ood),
+        time.perf_counter() - start,
+    )
+    return out
+
+
+def _summary(per_seed: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    keys = [k for k in per_seed[0]["metrics"]]
+    out = {"acc.id_val": _mean_std([r["val_accuracy"] for r in per_seed])}
+    for k in keys:
+        out[k] = _mean_std([r["metrics"][k] for r in per_seed])
+    out["seconds"] = _mean_std([r["seconds"] for r in per_seed])
+    return out
+
+
+def run_lp(
+    pretrained: torch.nn.Module, bundle: Any, seeds: Sequence[int], device: torch.device
+) -> tuple[torch.nn.Linear, dict[str, Any]]:
+    start = time.perf_counter()
+    pretrained.to(device)
+    feats = {
+        name: extract_features(pretrained, iterate_batches(ds, 256, device=device), device)
+        for name, ds in (("train", bundle.train), ("val", bundle.val))
+    }
+    probe = fit_linear_probe(
+        *feats["train"], *feats["val"], Cs=LOGSPACE_CS, num_classes=len(bundle.class_names), device=device
+    )
+    pretrained.cpu()
+    seconds = time.perf_counter() - start
+    log.info(
+        "%-20s best C %.3g  ID val %.4f  %.1fs (features + %d-C sweep)",
+        "lp",
+        probe.best_C,
+        probe.val_accuracy,
+        seconds,
+        len(probe.sweep),
+    )
+    model = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        model.head.weight.copy_(probe.head.weight)
+        model.head.bias.copy_(probe.head.bias)
+    metrics = _evaluate(model, pretrained, bundle)
+    # Deterministic: the same probe for every seed (std 0 by construction).
+    per_seed = [
+        {"seed": s, "val_accuracy": float(probe.val_accuracy), "metrics": metrics, "seconds": seconds}
+        for s in seeds
+    ]
+    result = {
+        "selected": {"C": float(probe.best_C)},
+        "selection": "C from logspace(-7, 2, 50) by ID val accuracy",
+        "sweep": [{"C": float(r["C"]), "val_accuracy": float(r["val_accuracy"])} for r in probe.sweep],
+        "per_seed": per_seed,
+        "summary": _summary(per_seed),
+        "note": "deterministic (frozen features, full-batch solver): identical for every seed",
+    }
+    return probe.head, result
+
+
+def run_finetuned(
+    method: str,
+    grid: list[LrPair],
+    sweep: bool,
+    seeds: Sequence[int],
+    pretrained: torch.nn.Module,
+    bundle: Any,
+    args: argparse.Namespace,
+    probe_head: torch.nn.Linear | None,
+    inherited_from: str | None = None,
+) -> dict[str, Any]:
+    sweep_records: list[dict[str, Any]] = []
+    per_seed: list[dict[str, Any]] = []
+    if sweep and len(grid) > 1:
+        best_model, best_idx = None, -1
+        for i, lrs in enumerate(grid):
+            model, rec = _run_one(method, lrs, seeds[0], pretrained, bundle, args, probe_head)
+            sweep_records.append(rec)
+            if model is not None and _select(sweep_records) == i:
+                best_model, best_idx = model, i  # keep only the current best model in memory
+            del model
+        assert best_model is not None and best_idx >= 0
+        chosen = grid[best_idx]
+        log.info("%s: selected lr head %g / backbone %g on ID val", method, *chosen)
+        rec = dict(sweep_records[best_idx])
+        rec["metrics"] = _evaluate(best_model, pretrained, bundle)
+        per_seed.append(rec)
+        del best_model
+        rest = seeds[1:]
+        selection = f"ID val accuracy on seed {seeds[0]} (sweep of {len(grid)})"
+    else:
+        chosen = grid[0]
+        rest = seeds
+        selection = (
+            f"inherited from {inherited_from}'s selected lrs" if inherited_from else "fixed (no sweep)"
+        )
+    for seed in rest:
+        model, rec = _run_one(method, chosen, seed, pretrained, bundle, args, probe_head)
+        if model is None:
+            raise RuntimeError(f"{method} diverged at seed {seed} with the selected lrs {chosen}")
+        if not sweep_records and seed == seeds[0]:
+            sweep_records.append({k: v for k, v in rec.items()})
+        rec["metrics"] = _evaluate(model, pretrained, bundle)
+        per_seed.append(rec)
+        del model
+    return {
+        "selected": {"head_lr": chosen[0], "backbone_lr": chosen[1]},
+        "selection": selection,
+        "sweep": sweep_records,
+        "per_seed": per_seed,
+        "summary": _summary(per_seed),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _lr_text(method: str, res: dict[str, Any]) -> str:
+    sel = res["selected"]
+    if "C" in sel:
+        return f"C={sel['C']:.3g}"
+    if method in TWO_LR:
+        return f"{sel['head_lr']:g}/{sel['backbone_lr']:g}"
+    return f"{sel['head_lr']:g}"
+
+
+def _pm(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    ood = results["ood_sets"]
+    cols = ["method", "lr (head/bb)", "ID val", "ID test", *ood, "OOD mean"]
+    cols += ["L2 ID", "L2 OOD", "cos ID", "cos OOD", "s/run"]
+    rows = []
+    for method, res in results["methods"].items():
+        s = res["summary"]
+        row = [method, _lr_text(method, res), _pm(s["acc.id_val"]), _pm(s["acc.id_test"])]
+        row += [_pm(s[f"acc.{n}"]) for n in ood]
+        row += [_pm(s["acc.ood_mean"]) if "acc.ood_mean" in s else "-"]
+        row += [_pm(s["dist_l2.id_test"], 1.0, 2)]
+        row += [_pm(s["dist_l2.ood_mean"], 1.0, 2) if "dist_l2.ood_mean" in s else "-"]
+        row += [_pm(s["dist_cos.id_test"], 1.0, 3)]
+        row += [_pm(s["dist_cos.ood_mean"], 1.0, 3) if "dist_cos.ood_mean" in s else "-"]
+        row += [f"{s['seconds']['mean']:.0f}"]
+        rows.append(row)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _json_line(results: dict[str, Any]) -> str:
+    return json.dumps(results, separators=(",", ":"), sort_keys=False)
+
+
+def write_outputs(results: dict[str, Any], prefix: str | os.PathLike[str]) -> None:
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path = prefix.with_name(prefix.name + ".json")
+    md_path = prefix.with_name(prefix.name + ".md")
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(json_path)
+    s = results["settings"]
+    lines = [
+        f"# compare_methods: {s['preset']} ({'partial' if results.get('partial') else 'complete'})",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Model `{s['model']}` (weights `{s['weights']}`), input {s['input_size']} px, {s['epochs']} epochs, "
+        f"batch {s['batch_size']}, fine-tuning seeds {s['seeds']} (data seed {s['data_seed']} fixed), "
+        f"train/val/test = {s['n_train']}/{s['n_val']}/{s['n_test']}, OOD sets "
+        + ", ".join(f"{n} ({k})" for n, k in s["n_ood"].items())
+        + f". Torch threads {s['threads']}, {s['machine']}. Total {results['seconds_total']:.0f} s.",
+        "",
+        "Accuracies in %, mean ± sample std over seeds. L2 / cos: feature distortion vs the pretrained model "
+        "(mean L2 distance / mean cosine similarity of penultimate features) on ID test and the mean over "
+        "the OOD sets. s/run: training seconds per seed (LP: features + C sweep).",
+        "",
+        format_table(results),
+        "",
+        "## Learning-rate selection (seed 0, ID val)",
+        "",
+    ]
+    for method, res in results["methods"].items():
+        lines.append(f"- **{method}**: {res['selection']}; selected {_lr_text(method, res)}")
+        if method == "lp":
+            continue
+        for r in res["sweep"]:
+            acc = "diverged" if r.get("val_accuracy") is None else f"{100 * r['val_accuracy']:.2f}%"
+            lines.append(
+                f"  - head {r['head_lr']:g} / backbone {r['backbone_lr']:g}: ID val {acc}"
+                f" (best epoch {r.get('best_epoch')}, curve {r.get('val_curve')}, {r['seconds']:.0f} s)"
+            )
+    lines += ["", "JSON: the `.json` file next to this one (same content as the printed JSON line).", ""]
+    md_path.write_text("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _load_bundle(args: argparse.Namespace) -> Any:
+    bundle = load_preset(args.preset, seed=args.data_seed)
+    if args.max_train is not None and args.max_train < len(bundle.train.labels):
+        g = torch.Generator().manual_seed(args.data_seed)
+        idx = torch.randperm(len(bundle.train.labels), generator=g)[: args.max_train]
+        bundle.train = bundle.train.subset(idx.sort().values, "id_train")
+    return bundle
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("daft_core", "daft_core.finetune", "daft_core.probe", "daft_core.evaluate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown or not methods:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if args.seeds < 1 or args.epochs < 1:
+        raise SystemExit("--seeds and --epochs must be >= 1")
+    grids = {**DEFAULT_GRIDS, **_method_map(args.grid, "--grid")}
+    fixed = _method_map(args.lr, "--lr")
+    seeds = list(range(args.seeds))
+    t0 = time.perf_counter()
+
+    bundle = _load_bundle(args)
+    weights = None if args.weights.lower() == "none" else args.weights
+    pretrained = build_model(
+        args.model, weights=weights, num_classes=len(bundle.class_names), input_size=args.input_size
+    ).eval()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
+    if args.device != "auto":
+        device = torch.device(args.device)
+    results: dict[str, Any] = {
+        "benchmark": "compare_methods",
+        "command": "python -m benchmarks.compare_methods "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {
+            "preset": args.preset,
+            "data_seed": args.data_seed,
+            "seeds": seeds,
+            "seed_policy": "fine-tuning seed varies; data split and OOD sets fixed (data seed)",
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "input_size": pretrained.input_size,
+            "model": args.model,
+            "weights": args.weights,
+            "sweep": not args.no_sweep,
+            "selection": "ID val accuracy (seed 0 sweep); ID test never used for selection",
+            "n_train": len(bundle.train.labels),
+            "n_val": len(bundle.val.labels),
+            "n_test": len(bundle.test.labels),
+            "n_ood": {n: len(ds.labels) for n, ds in bundle.ood.items()},
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible",
+        },
+        "ood_sets": list(bundle.ood),
+        "methods": {},
+        "partial": True,
+        "seconds_total": 0.0,
+    }
+
+    def checkpoint() -> None:
+        results["seconds_total"] = time.perf_counter() - t0
+        if args.out:
+            write_outputs(results, args.out)
+
+    probe_head = None
+    if "lp" in methods or "lp_ft" in methods:
+        probe_head, lp_result = run_lp(pretrained, bundle, seeds, device)
+        if "lp" in methods:
+            results["methods"]["lp"] = lp_result
+            checkpoint()
+    for method in ORDER:
+        if method == "lp" or method not in methods:
+            continue
+        parent = PARENT.get(method)
+        inherited = None
+        if method in fixed:
+            grid, sweep = fixed[method][:1], False
+        elif args.no_sweep:
+            grid, sweep = [DEFAULT_LRS[method]], False
+        elif method in grids:
+            grid, sweep = grids[method], True
+        elif parent is not None and parent in results["methods"]:
+            sel = results["methods"][parent]["selected"]
+            grid, sweep, inherited = [(sel["head_lr"], sel["backbone_lr"])], False, parent
+        else:
+            grid, sweep = [DEFAULT_LRS[method]], False
+        results["methods"][method] = run_finetuned(
+            method, grid, sweep, seeds, pretrained, bundle, args, probe_head, inherited_from=inherited
+        )
+        checkpoint()
+    # Report in the canonical method order.
+    results["methods"] = {m: results["methods"][m] for m in ALL_METHODS if m in results["methods"]}
+    results["partial"] = False
+    checkpoint()
+    print(format_table(results))
+    print(_json_line(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""KFP v2 lightweight components: thin wrappers that call ``components.<step>.run``.
+
+Each component function below is self-contained (every import inside its body), as KFP ships the function's
+source to the container and runs it there with ``python -m kfp.dsl.executor_main``. The bodies import the
+project (``components.*`` for the step, and the small runtime helpers at the bottom of this module), which
+the project image has installed; no stage logic lives here.
+
+Conventions
+    * ``params_json``: the whole validated parameter tree (``components.params.params_to_json``), produced
+      once per run by :func:`resolve_params` from params.yaml plus the pipeline parameters.
+    * ``tracking_uri`` -> ``MLFLOW_TRACKING_URI`` (empty: keep the pod's environment / the components'
+      default); ``pipeline_run_id`` (the KFP run id) -> ``DAFT_PIPELINE_RUN_ID``, so every step's MLflow run
+      hangs under one parent run. Credentials never travel as parameters: they come from Kubernetes secrets
+      as environment variables (see pipelines.pipeline).
+    * Artifacts are directories where the step writes directories (``dataset.path``, ``model.path``,
+      ``evaluation.path``); each step also logs its key numbers to an ``Output[Metrics]``.
+
+:func:`make_components` binds the functions to a base image (a compile option), with
+``install_kfp_package=False`` (the image already has the pinned kfp).
+"""
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, List, Optional  # noqa: UP035  (KFP parses typing forms)
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+if TYPE_CHECKING:
+    from components.params import Params
+
+log = logging.getLogger(__name__)
+
+# No ``from __future__ import annotations`` here: KFP reads the component functions' annotations as objects.
+
+# --------------------------------------------------------------------------------------------------
+# The components (plain functions; make_components() turns them into KFP components)
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_params(
+    params_json: str,
+    tracking: bool,
+    experiment: str,
+    registered_model: str,
+    epochs: int,
+    seed: int,
+) -> str:
+    """Validate params.yaml's tree with the pipeline parameters applied; every other step reads the result."""
+    from pipelines.components import resolve_params_json
+
+    return resolve_params_json(
+        params_json,
+        {
+            "pipeline.tracking": tracking,
+            "pipeline.experiment": experiment,
+            "pipeline.registered_model": registered_model,
+            "finetune.epochs": epochs,
+            "finetune.seed": seed,
+        },
+    )
+
+
+def prepare_data(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    dataset: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """components.prepare_data: the prepared DatasetBundle directory."""
+    from components import prepare_data as step
+    from pipelines.components import log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    result = step.run(params, dataset.path)
+    dataset.metadata["preset"] = params.data.preset
+    log_metrics(metrics, result["counts"], prefix="count.")
+
+
+def pretrained(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    dataset: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """components.pretrained: the verified backbone checkpoint every branch starts from."""
+    from components import pretrained as step
+    from pipelines.components import annotate_model, log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    info = step.run(params, dataset.path, model.path)
+    annotate_model(model, params, "pretrained")
+    log_metrics(metrics, {k: info[k] for k in ("batchnorm_layers", "parameters", "num_features")})
+
+
+def convert_bn(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    dataset: Input[Dataset],
+    pretrained: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """components.convert_bn: DAFT's function-preserving BatchNorm conversion."""
+    from components import convert_bn as step
+    from pipelines.components import annotate_model, log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    summary = step.run(params, pretrained.path, dataset.path, model.path)
+    annotate_model(model, params, "bn_converted")
+    log_metrics(metrics, summary)
+
+
+def linear_probe(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    dataset: Input[Dataset],
+    pretrained: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """components.linear_probe: features once, logistic-regression C sweep on ID val."""
+    from components import linear_probe as step
+    from pipelines.components import annotate_model, log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    summary = step.run(params, pretrained.path, dataset.path, model.path)
+    annotate_model(model, params, "linear_probe")
+    log_metrics(metrics, summary)
+
+
+def finetune(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    method: str,
+    dataset: Input[Dataset],
+    start: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    lr: Optional[float] = None,  # noqa: UP045
+    head_lr: Optional[float] = None,  # noqa: UP045
+    backbone_lr: Optional[float] = None,  # noqa: UP045
+) -> str:
+    """components.finetune for one method (a branch, or one sweep point when lrs are given).
+
+    Returns a JSON string: method, the learning rates used, the registered model version ("" when tracking
+    is off) and the best ID val accuracy; the evaluate step carries it to the sweep's selection.
+    """
+    import json
+
+    from components import finetune as step
+    from pipelines.components import (
+        annotate_model,
+        log_metrics,
+        registered_version,
+        step_setup,
+        with_method_lrs,
+    )
+
+    params = with_method_lrs(
+        step_setup(params_json, tracking_uri, pipeline_run_id), method, lr, head_lr, backbone_lr
+    )
+    summary = step.run(params, method, start.path, dataset.path, model.path)
+    version = summary.get("registered_version") or registered_version(params, method)
+    recipe = step.recipe_for(params, method)
+    info = {
+        "method": method,
+        "head_lr": recipe.head_lr,
+        "backbone_lr": recipe.backbone_lr,
+        "version": version or "",
+        "best_val_accuracy": summary["best_val_accuracy"],
+    }
+    annotate_model(model, params, "finetune", method=method, version=version, extra=info)
+    log_metrics(metrics, {k: summary[k] for k in ("best_epoch", "best_val_accuracy", "epochs")})
+    return json.dumps(info, sort_keys=True)
+
+
+def evaluate(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    method: str,
+    dataset: Input[Dataset],
+    model: Input[Model],
+    reference: Input[Model],
+    evaluation: Output[Artifact],
+    metrics: Output[Metrics],
+    finetune_info: str = "{}",
+):
+    """components.evaluate: `<method>.json` (+ `.details.json`, `finetune.json`) in `evaluation`."""
+    import json
+    from pathlib import Path
+
+    from components import evaluate as step
+    from components.common import write_json
+    from pipelines.components import log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    out = Path(evaluation.path)
+    out.mkdir(parents=True, exist_ok=True)
+    result = step.run(params, method, model.path, reference.path, dataset.path, out / f"{method}.json")
+    info = json.loads(finetune_info or "{}")
+    write_json(out / "finetune.json", info)
+    evaluation.metadata.update({"method": method, **{k: v for k, v in info.items() if k != "method"}})
+    log_metrics(
+        metrics,
+        {k: result.get(k) for k in ("id_val_accuracy", "id_test_accuracy", "ood_mean_accuracy")},
+    )
+    log_metrics(metrics, result.get("ood", {}), prefix="ood.")
+
+
+def report(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    lp: Input[Artifact],
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+    ft: Optional[Input[Artifact]] = None,  # noqa: UP045
+    lp_ft: Optional[Input[Artifact]] = None,  # noqa: UP045
+    daft: Optional[Input[Artifact]] = None,  # noqa: UP045
+    daft_bn_only: Optional[Input[Artifact]] = None,  # noqa: UP045
+    daft_fast_head_only: Optional[Input[Artifact]] = None,  # noqa: UP045
+):
+    """components.report over every method's evaluation; it sets the `champion` alias.
+
+    The report directory mirrors the DVC layout: ``metrics/methods/<method>.json`` and ``reports/``.
+    """
+    from pipelines.components import assemble_report, log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}
+    given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})
+    groups = {m: [a.path] for m, a in given.items() if a is not None}
+    summary = assemble_report(params, groups, report.path)
+    report.metadata["champion"] = summary["champion"]
+    log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
+    log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
+
+
+def select_best(
+    params_json: str,
+    tracking_uri: str,
+    pipeline_run_id: str,
+    lp: Input[Artifact],
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+    ft: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
+    lp_ft: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
+    daft: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
+    daft_bn_only: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
+    daft_fast_head_only: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
+):
+    """The sweep's selection: per method the configuration with the best ID val accuracy gets the method's
+    alias, then components.report gives the overall best (by ID val) the `champion` alias.
+
+    ``metrics/sweep.json`` in the report directory lists every configuration tried.
+    """
+    from pipelines.components import assemble_report, log_metrics, step_setup
+
+    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    given = {"ft": ft, "lp_ft": lp_ft, "daft": daft}
+    given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})
+    groups = {"lp": [lp.path], **{m: [a.path for a in arts] for m, arts in given.items() if arts}}
+    summary = assemble_report(params, groups, report.path)
+    report.metadata["champion"] = summary["champion"]
+    report.metadata["selected"] = summary["selected"]
+    log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
+    log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
+    log_metrics(metrics, {"configurations": len(summary["sweep"])})
+
+
+COMPONENT_FUNCTIONS = (
+    resolve_params,
+    prepare_data,
+    pretrained,
+    convert_bn,
+    linear_probe,
+    finetune,
+    evaluate,
+    report,
+    select_best,
+)
+
+
+def make_components(image: str) -> SimpleNamespace:
+    """Every component bound to `image` (``base_image``), without installing kfp at run time."""
+    return SimpleNamespace(
+        **{
+            fn.__name__: dsl.component(fn, base_image=image, install_kfp_package=False)
+            for fn in COMPONENT_FUNCTIONS
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtime helpers: run inside the component's container (imported by the bodies above). Plumbing only.
+# --------------------------------------------------------------------------------------------------
+
+PIPELINE_ID_ENV = "DAFT_PIPELINE_RUN_ID"
+
+
+def resolve_params_json(params_json: str, overrides: Mapping[str, Any]) -> str:
+    from components.params import _set_dotted, params_from_dict, params_to_json
+
+    raw = json.loads(params_json)
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    return params_to_json(params_from_dict(raw, "pipeline parameters"))
+
+
+def step_setup(params_json: str, tracking_uri: str, pipeline_run_id: str) -> "Params":
+    """Environment for the step (tracking URI, KFP run id), logging, and the validated params."""
+    from components.common import configure_logging
+    from components.params import params_from_dict
+
+    if pipeline_run_id and not pipeline_run_id.startswith("{{"):
+        os.environ[PIPELINE_ID_ENV] = pipeline_run_id
+    if tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    configure_logging()
+    return params_from_dict(json.loads(params_json), "params_json")
+
+
+def with_method_lrs(
+    params: "Params", method: str, lr: float | None, head_lr: float | None, backbone_lr: float | None
+) -> "Params":
+    """`params` with the method's learning rates replaced (a pipeline parameter or a sweep point).
+
+    ``lr`` sets both groups (and clears per-group values); ``head_lr``/``backbone_lr`` set one group.
+    """
+    from components.common import StepError
+    from components.params import params_from_dict
+
+    if lr is None and head_lr is None and backbone_lr is None:
+        return params
+    raw = params.model_dump(mode="json")
+    methods = raw["finetune"]["methods"]
+    if method not in methods:
+        raise StepError(f"method {method!r} is not under finetune.methods (configured: {sorted(methods)})")
+    entry = methods[method]
+    if lr is not None:
+        entry.update(lr=lr, head_lr=None, backbone_lr=None)
+    if head_lr is not None:
+        entry["head_lr"] = head_lr
+    if backbone_lr is not None:
+        entry["backbone_lr"] = backbone_lr
+    return params_from_dict(raw, f"finetune.methods.{method} (pipeline learning rates)")
+
+
+def registered_version(params: "Params", method: str) -> str:
+    """The model version the finetune step just registered ("" when tracking is off).
+
+    components.finetune.run does not return it; the step's MLflow run carries it as the tag
+    ``daft.model_version.finetune`` (race-free, unlike reading the method's alias, which concurrent sweep
+    points move). Falls back to the alias.
+    """
+    if not params.pipeline.tracking:
+        return ""
+    import mlflow
+
+    from components import tracking
+    from components.common import STAGE_ALIASES
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    run = mlflow.last_active_run()
+    if run is not None and run.data.tags.get("daft.method") == method:
+        version = run.data.tags.get("daft.model_version.finetune")
+        if version:
+            return str(version)
+    log.warning("no model version tag on the finetune run; using the %s alias", STAGE_ALIASES[method])
+    return tracking.version_for_alias(params.pipeline.registered_model, STAGE_ALIASES[method]) or ""
+
+
+def annotate_model(
+    model: Any,
+    params: "Params",
+    stage: str,
+    method: str | None = None,
+    version: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    model.metadata.update({"stage": stage, "registered_model": params.pipeline.registered_model})
+    if method:
+        model.metadata["method"] = method
+    if version:
+        model.metadata["registered_version"] = version
+    for k, v in (extra or {}).items():
+        if isinstance(v, str | int | float | bool):
+            model.metadata[k] = v
+
+
+def _flat_numbers(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat_numbers(v, key + "."))
+        elif isinstance(v, int | float):  # bool included
+            out[key] = float(v)
+    return out
+
+
+def log_metrics(metrics: Any, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Numeric values (nested mappings flattened with dots) onto a KFP Metrics artifact."""
+    for k, v in _flat_numbers(values, prefix).items():
+        metrics.log_metric(k, v)
+
+
+def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: str) -> dict[str, Any]:
+    """Select per method the best evaluation by ID val, then run components.report on the selection.
+
+    `groups`: method -> evaluation directories (one per configuration; one when there is no sweep). The
+    selected configuration's registered version gets the method's alias (the sweep points each moved it),
+    so components.report's `champion` lands on the selected version. Writes ``metrics/methods/`` (the
+    selection, as DVC's layout), ``metrics/sweep.json`` (every configuration) and ``reports/``.
+    """
+    from components import report as report_step
+    from components import tracking
+    from components.common import STAGE_ALIASES, read_json, write_json
+
+    out = Path(out_dir)
+    methods_dir = out / "metrics" / "methods"
+    methods_dir.mkdir(parents=True, exist_ok=True)
+    sweep: list[dict[str, Any]] = []
+    selected: dict[str, dict[str, Any]] = {}
+    for method, dirs in groups.items():
+        candidates = []
+        for d in dirs:
+            row = read_json(Path(d) / f"{method}.json")
+            info_path = Path(d) / "finetune.json"
+            info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+            entry = {
+                "method": method,
+                "id_val_accuracy": row["id_val_accuracy"],
+                "id_test_accuracy": row["id_test_accuracy"],
+                "ood_mean_accuracy": row.get("ood_mean_accuracy"),
+                **{k: info[k] for k in ("head_lr", "backbone_lr", "version") if k in info},
+            }
+            sweep.append(entry)
+            candidates.append((entry, Path(d)))
+        # Best by ID val only; ties go to the earlier configuration (max keeps the first maximum).
+        best, best_dir = max(candidates, key=lambda c: c[0]["id_val_accuracy"])
+        selected[method] = best
+        shutil.copy2(best_dir / f"{method}.json", methods_dir / f"{method}.json")
+        details = best_dir / f"{method}.details.json"
+        if details.is_file():
+            shutil.copy2(details, methods_dir / details.name)
+        version = best.get("version")
+        if params.pipeline.tracking and version and len(candidates) > 1:
+            tracking.set_alias(params.pipeline.registered_model, STAGE_ALIASES[method], version)
+            log.info("sweep: %s selected %s (version %s)", method, best, version)
+    write_json(out / "metrics" / "sweep.json", sweep)
+    summary = report_step.run(params, methods_dir, out / "reports")
+    summary["sweep"] = sweep
+    summary["selected"] = json.dumps(selected, sort_keys=True)
+    return summary

@@ -1,0 +1,373 @@
+"""Compile the Kubeflow pipeline and assert on the IR (PipelineSpec + Kubernetes platform spec)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from components.params import load_params
+from pipelines.cli import main as cli_main
+from pipelines.pipeline import DEFAULT_SECRETS, PipelineOptions, build_pipeline, compile_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "registry.example.com/ml/daft-pipeline:1.2.3"
+METHODS = ("ft", "lp_ft", "daft")
+STEP_TASKS = {"prepare-data", "pretrained", "convert-bn", "linear-probe"}
+
+
+def _compile(tmp_path: Path, name: str = "p.yaml", **opts: Any) -> tuple[dict, dict, Path]:
+    params = load_params(ROOT / "params.yaml")
+    out = tmp_path / name
+    compile_pipeline(params, PipelineOptions(image=IMAGE, **opts), str(out))
+    docs = list(yaml.safe_load_all(out.read_text()))
+    spec = docs[0]
+    platform = docs[1] if len(docs) > 1 else {}
+    return spec, platform, out
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, Path]:
+    return _compile(tmp_path_factory.mktemp("compile"))
+
+
+def by_display_name(dag: dict) -> dict[str, tuple[str, dict]]:
+    """taskInfo.name (set_display_name) -> (task key in the IR, task spec)."""
+    return {t["taskInfo"]["name"]: (key, t) for key, t in dag["tasks"].items()}
+
+
+def executor_of(spec: dict, task: dict) -> dict:
+    comp = spec["components"][task["componentRef"]["name"]]
+    return spec["deploymentSpec"]["executors"][comp["executorLabel"]]["container"]
+
+
+def test_tasks_and_dependencies_mirror_dvc_yaml(compiled) -> None:
+    spec, _, _ = compiled
+    tasks = by_display_name(spec["root"]["dag"])
+    expected = (
+        {"resolve-params", "evaluate-lp", "report"}
+        | STEP_TASKS
+        | {f"finetune-{m}" for m in METHODS}
+        | {f"evaluate-{m}" for m in METHODS}
+    )
+    assert set(tasks) == expected
+
+    def producer(display: str, artifact: str) -> str:
+        key, t = tasks[display]
+        src = t["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
+        return next(n for n, (k, _) in tasks.items() if k == src["producerTask"])
+
+    # Each branch starts where dvc.yaml's `start` says.
+    assert producer("finetune-ft", "start") == "pretrained"
+    assert producer("finetune-lp_ft", "start") == "linear-probe"
+    assert producer("finetune-daft", "start") == "convert-bn"
+    assert producer("convert-bn", "pretrained") == "pretrained"
+    assert producer("linear-probe", "pretrained") == "pretrained"
+    assert producer("evaluate-lp", "model") == "linear-probe"
+    for m in METHODS:
+        assert producer(f"evaluate-{m}", "model") == f"finetune-{m}"
+        assert producer(f"evaluate-{m}", "reference") == "pretrained"
+        assert producer("report", m) == f"evaluate-{m}"
+    assert producer("report", "lp") == "evaluate-lp"
+    # Methods are parallel branches: no finetune depends on another finetune.
+    keys = {n: k for n, (k, _) in tasks.items()}
+    for m in METHODS:
+        deps = set(tasks[f"finetune-{m}"][1]["dependentTasks"])
+        assert not deps & {keys[f"finetune-{o}"] for o in METHODS}
+    report_deps = set(tasks["report"][1]["dependentTasks"])
+    assert {keys[f"evaluate-{m}"] for m in (*METHODS, "lp")} <= report_deps
+    # Every step reads the resolved params tree and the KFP run id.
+    for name, (_, t) in tasks.items():
+        if name == "resolve-params":
+            continue
+        p = t["inputs"]["parameters"]
+        assert p["params_json"]["taskOutputParameter"]["producerTask"] == keys["resolve-params"]
+        assert p["pipeline_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        assert p["tracking_uri"]["componentInputParameter"] == "tracking_uri"
+
+
+def test_artifact_types(compiled) -> None:
+    spec, _, _ = compiled
+    comps = spec["components"]
+
+    def out_type(comp: str, name: str) -> str:
+        return comps[comp]["outputDefinitions"]["artifacts"][name]["artifactType"]["schemaTitle"]
+
+    def in_type(comp: str, name: str) -> str:
+        return comps[comp]["inputDefinitions"]["artifacts"][name]["artifactType"]["schemaTitle"]
+
+    assert out_type("comp-prepare-data", "dataset") == "system.Dataset"
+    for comp in ("comp-pretrained", "comp-convert-bn", "comp-linear-probe", "comp-finetune"):
+        assert out_type(comp, "model") == "system.Model"
+        assert out_type(comp, "metrics") == "system.Metrics"
+        assert in_type(comp, "dataset") == "system.Dataset"
+    assert in_type("comp-finetune", "start") == "system.Model"
+    assert in_type("comp-evaluate", "model") == "system.Model"
+    assert out_type("comp-evaluate", "metrics") == "system.Metrics"
+    assert out_type("comp-report", "metrics") == "system.Metrics"
+    assert spec["root"]["outputDefinitions"]["artifacts"]["Output"]["artifactType"]["schemaTitle"] == (
+        "system.Artifact"
+    )
+
+
+def test_executors_use_project_image_and_call_the_step(compiled) -> None:
+    spec, _, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert executors
+    for label, ex in executors.items():
+        c = ex["container"]
+        assert c["image"] == IMAGE
+        source = "\n".join(c["command"])
+        assert "pip install" not in source, f"{label} installs kfp at run time"
+        assert "kfp.dsl.executor_main" in source
+    for step in ("prepare_data", "pretrained", "convert_bn", "linear_probe", "finetune", "evaluate"):
+        src = "\n".join(executors[f"exec-{step.replace('_', '-')}"]["container"]["command"])
+        assert f"from components import {step} as step" in src
+        assert "step.run(" in src
+        assert "step_setup(params_json, tracking_uri, pipeline_run_id)" in src
+    report_src = "\n".join(executors["exec-report"]["container"]["command"])
+    assert "assemble_report" in report_src
+
+
+def test_resources_and_gpus(compiled) -> None:
+    spec, _, _ = compiled
+    tasks = by_display_name(spec["root"]["dag"])
+    for name, (_, t) in tasks.items():
+        res = executor_of(spec, t).get("resources", {})
+        assert res.get("resourceCpuRequest") and res.get("resourceMemoryRequest"), name
+        assert res.get("resourceCpuLimit") and res.get("resourceMemoryLimit"), name
+        gpu = name.startswith("finetune-") or name == "linear-probe"
+        assert ("accelerator" in res) == gpu, name
+        if gpu:
+            assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert res["accelerator"]["resourceCount"] == "1"
+    ft = executor_of(spec, tasks["finetune-daft"][1])["resources"]
+    assert ft["resourceCpuRequest"] == "4" and ft["resourceMemoryRequest"] == "8Gi"
+    assert executor_of(spec, tasks["resolve-params"][1])["resources"]["resourceCpuRequest"] == "100m"
+
+
+def test_no_gpu_and_custom_gpu(tmp_path: Path) -> None:
+    spec, _, _ = _compile(tmp_path, "cpu.yaml", gpu=False)
+    for ex in spec["deploymentSpec"]["executors"].values():
+        assert "accelerator" not in ex["container"].get("resources", {})
+    spec, platform, _ = _compile(
+        tmp_path, "t4.yaml", gpu_type="NVIDIA_TESLA_T4", gpu_count=2, gpu_node_selector={"pool": "gpu"}
+    )
+    acc = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]["accelerator"]
+    assert acc["resourceType"] == "NVIDIA_TESLA_T4" and acc["resourceCount"] == "2"
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert k8s["exec-finetune"]["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert "nodeSelector" not in k8s["exec-prepare-data"]
+
+
+def test_retries_and_caching(compiled, tmp_path: Path) -> None:
+    spec, _, _ = compiled
+    for key, t in spec["root"]["dag"]["tasks"].items():
+        assert t["cachingOptions"] == {"enableCache": True}, key
+        assert t["retryPolicy"] == {
+            "maxRetryCount": 2,
+            "backoffDuration": "30s",
+            "backoffFactor": 2.0,
+            "backoffMaxDuration": "600s",
+        }, key
+    spec, _, _ = _compile(tmp_path, "nocache.yaml", caching=False, retries=0)
+    for key, t in spec["root"]["dag"]["tasks"].items():
+        assert not t["cachingOptions"].get("enableCache", False), key
+        assert "retryPolicy" not in t, key
+
+
+def test_secrets_from_kubernetes_never_parameters(compiled) -> None:
+    spec, platform, path = compiled
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for label in spec["deploymentSpec"]["executors"]:
+        if label == "exec-resolve-params":
+            assert "secretAsEnv" not in k8s.get(label, {})
+            continue
+        got = {s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]} for s in k8s[label]["secretAsEnv"]}
+        assert got == DEFAULT_SECRETS, label
+    assert DEFAULT_SECRETS["daft-s3-credentials"] == {
+        "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert set(DEFAULT_SECRETS["daft-mlflow-credentials"].values()) == {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    }
+    names = set(spec["root"]["inputDefinitions"]["parameters"])
+    assert not {n for n in names if re.search(r"secret|password|token|key", n, re.I)}
+    # No env var of any executor carries a credential value.
+    for ex in spec["deploymentSpec"]["executors"].values():
+        for env in ex["container"].get("env", []):
+            assert not re.search(r"SECRET|PASSWORD|TOKEN", env["name"])
+
+
+def test_pipeline_parameters_default_to_params_yaml(compiled) -> None:
+    spec, _, _ = compiled
+    params = load_params(ROOT / "params.yaml")
+    defs = spec["root"]["inputDefinitions"]["parameters"]
+    default = {k: v.get("defaultValue") for k, v in defs.items()}
+    assert json.loads(default["params_json"]) == params.model_dump(mode="json")
+    assert default["epochs"] == params.finetune.epochs
+    assert default["seed"] == params.finetune.seed
+    assert default["experiment"] == params.pipeline.experiment
+    assert default["registered_model"] == params.pipeline.registered_model
+    assert default["tracking"] is params.pipeline.tracking
+    assert default["tracking_uri"] == ""
+    for method, m in params.finetune.methods.items():
+        for attr in ("lr", "head_lr", "backbone_lr"):
+            if getattr(m, attr) is not None:
+                assert default[f"{method}_{attr}"] == pytest.approx(getattr(m, attr))
+    assert defs["epochs"]["parameterType"] == "NUMBER_INTEGER"
+    assert defs["tracking"]["parameterType"] == "BOOLEAN"
+
+
+def test_compile_is_deterministic_and_loads_back(tmp_path: Path, capsys) -> None:
+    from kfp import components
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for out in (a, b):
+        assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--image", IMAGE, "-o", str(out)]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    loaded = components.load_component_from_file(str(a))
+    assert loaded.name == "daft"
+    assert set(loaded.component_spec.inputs) >= {"params_json", "epochs", "tracking_uri"}
+    assert "compiled pipeline" in capsys.readouterr().out
+
+
+def test_sweep_pipeline_parallel_for_and_collected(tmp_path: Path) -> None:
+    spec, _, _ = _compile(tmp_path, "sweep.yaml", sweep=True, sweep_parallelism=3)
+    assert spec["pipelineInfo"]["name"] == "daft-sweep"
+    defs = spec["root"]["inputDefinitions"]["parameters"]
+    grid = defs["daft_grid"]["defaultValue"]
+    assert len(grid) == 9 and {"head_lr": 0.1, "backbone_lr": 1e-6} in grid
+    assert defs["ft_lrs"]["defaultValue"] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert defs["lp_ft_lrs"]["parameterType"] == "LIST"
+    tasks = spec["root"]["dag"]["tasks"]
+    loops = {k: t for k, t in tasks.items() if "parameterIterator" in t}
+    assert len(loops) == 3
+    iterated = {t["parameterIterator"]["items"]["inputParameter"] for t in loops.values()}
+    assert iterated == {"pipelinechannel--ft_lrs", "pipelinechannel--lp_ft_lrs", "pipelinechannel--daft_grid"}
+    for t in loops.values():
+        assert t["iteratorPolicy"]["parallelismLimit"] == 3
+    # Inside the daft loop: head_lr / backbone_lr from the loop item, finetune then evaluate.
+    daft_loop = next(t for t in loops.values() if "daft_grid" in t["parameterIterator"]["items"]["inputParameter"])
+    body = spec["components"][daft_loop["componentRef"]["name"]]["dag"]["tasks"]
+    ft = next(t for t in body.values() if t["taskInfo"]["name"] == "finetune-daft")
+    for field in ("head_lr", "backbone_lr"):
+        src = ft["inputs"]["parameters"][field]
+        assert src["componentInputParameter"] == "pipelinechannel--daft_grid-loop-item"
+        assert src["parameterExpressionSelector"] == f'parseJson(string_value)["{field}"]'
+    assert {t["taskInfo"]["name"] for t in body.values()} == {"finetune-daft", "evaluate-daft"}
+    # The collected evaluations feed select_best, which depends on every loop.
+    select = next(t for t in tasks.values() if t["taskInfo"]["name"] == "select-best")
+    for m in METHODS:
+        src = select["inputs"]["artifacts"][m]["taskOutputArtifact"]
+        assert src["producerTask"] in loops
+    assert set(loops) <= set(select["dependentTasks"])
+    sel_inputs = spec["components"]["comp-select-best"]["inputDefinitions"]["artifacts"]
+    assert sel_inputs["daft"]["isArtifactList"] is True
+
+
+def test_local_build_leaves_out_platform_settings(tmp_path: Path) -> None:
+    from kfp import compiler
+
+    params = load_params(ROOT / "params.yaml")
+    out = tmp_path / "local.yaml"
+    compiler.Compiler().compile(build_pipeline(params, PipelineOptions(local=True)), str(out))
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert len(docs) == 1  # no Kubernetes platform spec (secrets, node selectors)
+    for ex in docs[0]["deploymentSpec"]["executors"].values():
+        assert "resources" not in ex["container"]
+    for t in docs[0]["root"]["dag"]["tasks"].values():
+        assert "retryPolicy" in t and t["cachingOptions"]["enableCache"] is True
+
+
+def test_cli_platform_file_and_bad_input(tmp_path: Path, capsys) -> None:
+    platform = tmp_path / "platform.yaml"
+    platform.write_text(
+        yaml.safe_dump(
+            {
+                "resources": {"finetune": {"cpu": "6", "memory": "12Gi"}},
+                "gpu": {"type": "nvidia.com/gpu", "count": 1, "steps": ["finetune"]},
+                "secrets": {"my-s3": {"access": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY"}},
+                "retries": {"count": 4, "backoff": "10s"},
+            }
+        )
+    )
+    out = tmp_path / "p.yaml"
+    argv = ["compile", "--params", str(ROOT / "params.yaml"), "--platform", str(platform), "-o", str(out)]
+    assert cli_main(argv) == 0
+    spec, platform_spec = list(yaml.safe_load_all(out.read_text()))
+    res = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]
+    assert res["resourceCpuRequest"] == "6" and res["resourceMemoryRequest"] == "12Gi"
+    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-linear-probe"]["container"]["resources"]
+    secrets = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"]["secretAsEnv"]
+    assert [s["secretName"] for s in secrets] == ["my-s3"]
+    assert next(iter(spec["root"]["dag"]["tasks"].values()))["retryPolicy"]["maxRetryCount"] == 4
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("resources: {finetune: {cpus: '2'}}\n")
+    assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--platform", str(bad), "-o", str(out)]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert cli_main(["compile", "--params", str(tmp_path / "missing.yaml"), "-o", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# The image: what can be checked without a Docker engine
+# --------------------------------------------------------------------------------------------------
+
+
+def _dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def test_dockerfile_pinned_install_nonroot_no_secrets() -> None:
+    text = _dockerfile()
+    assert re.search(r"pip install [^\n]*-c constraints\.txt", text), "install must use the pinned constraints"
+    assert "COPY constraints.txt" in text or "COPY pyproject.toml constraints.txt" in text
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
+    assert "download.pytorch.org/whl/cpu" in text
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+    for line in text.splitlines():
+        if re.match(r"^\s*(ENV|ARG)\b", line):
+            assert not re.search(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", line, re.I), line
+    # The Python the image installs is the one the pins were resolved for.
+    assert "python:3.11" in text
+
+
+def test_dockerignore_keeps_context_small_and_secret_free() -> None:
+    lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()}
+    for pattern in (".git", ".venv", "mlflow.db", "mlruns", "mlartifacts", "data", "models", ".env", "kfp_local"):
+        assert any(p.strip("/*").startswith(pattern.strip("/")) for p in lines), pattern
+    # What the build needs is not ignored.
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "daft_core", "components", "pipelines"):
+        assert needed not in lines
+
+
+def test_every_dependency_is_pinned_in_constraints() -> None:
+    """`pip install -c constraints.txt .` (the image) resolves every dependency to one pinned version."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[canonicalize_name(name.split("[")[0])] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    for req in reqs:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not pinned in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{req} vs pin {pins[name]}"
+    packages = project and tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "pipelines*" in packages["packages"]["find"]["include"]
