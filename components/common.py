@@ -157,12 +157,16 @@ def model_file(model_dir: str | os.PathLike[str]) -> Path:
     return f
 
 
-def load_data(data_dir: str | os.PathLike[str]):  # -> DatasetBundle
-    from daft_core.data import load_bundle
+def load_data(data_dir: str | os.PathLike[str], tracker: Any = None, context: str = "training"):
+    """Load (and verify) the prepared bundle; log it as the run's input dataset for lineage."""
+    from daft_core.data import load_bundle, read_manifest
 
     if not Path(data_dir).is_dir():
         raise StepError(f"prepared data {data_dir} not found; run prepare_data first (`dvc repro prepare_data`)")
-    return load_bundle(data_dir)
+    bundle = load_bundle(data_dir)
+    if tracker is not None:
+        tracker.log_dataset(str(data_dir), read_manifest(data_dir), name="prepared", context=context)
+    return bundle
 
 
 def resolve_device(name: str) -> str:

@@ -36,7 +36,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
     timer = Timer()
     c = params.convert_bn
     with tracked(params, "convert_bn", {"convert_bn": c.model_dump(mode="json")}) as tracker:
-        bundle = load_data(data_dir)
+        bundle = load_data(data_dir, tracker, "training")
         model = load_model(model_file(model_in))
         device = resolve_device(params.finetune.device)
         model.to(device)

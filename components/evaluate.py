@@ -70,7 +70,7 @@ def run(
     timer = Timer()
     e = params.evaluate
     with tracked(params, "evaluate", {"evaluate": e.model_dump(mode="json")}, method=method) as tracker:
-        bundle = load_data(data_dir)
+        bundle = load_data(data_dir, tracker, "evaluation")
         model = load_model(model_file(model_in))
         reference = load_model(model_file(reference_in)) if reference_in else None
         sets = {"id_val": bundle.val, "id_test": bundle.test, **bundle.ood}

@@ -86,7 +86,7 @@ def run(
     start = params.finetune.methods[method].start
     logged = {"method": method, "recipe": recipe.to_dict(), "config": config.to_dict(), "start": start}
     with tracked(params, "finetune", logged, method=method) as tracker:
-        bundle = load_data(data_dir)
+        bundle = load_data(data_dir, tracker, "training")
         model = load_model(model_file(model_in))
         bn_converted = bool(model.extra.get("bn_converted", False))
         if recipe.convert_bn and not bn_converted:

@@ -39,7 +39,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
     timer = Timer()
     lp = params.linear_probe
     with tracked(params, "linear_probe", {"linear_probe": lp.model_dump(mode="json")}, method="lp") as tracker:
-        bundle = load_data(data_dir)
+        bundle = load_data(data_dir, tracker, "training")
         source = load_model(model_file(model_in))
         device = resolve_device(lp.device)
         source.to(device)

@@ -31,7 +31,7 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, 
     timer = Timer()
     m = params.model
     with tracked(params, "pretrained", {"model": m.model_dump(mode="json")}) as tracker:
-        bundle = load_data(data_dir)
+        bundle = load_data(data_dir, tracker, "training")
         model = build_model(
             m.name, weights=m.weights, num_classes=len(bundle.class_names), input_size=m.input_size
         )

@@ -21,7 +21,7 @@ TINY: dict[str, Any] = {
         "device": "cpu",
         "methods": {
             "ft": {"start": "pretrained", "lr": 0.01},
-            "lp_ft": {"start": "linear_probe", "lr": 0.001},
+            "lp_ft": {"start": "linear_probe", "lr": 0.0001},
             "daft": {"start": "bn_converted", "head_lr": 0.1, "backbone_lr": 0.001},
         },
     },
@@ -30,8 +30,12 @@ TINY: dict[str, Any] = {
 
 
 def tiny_params(**sections: dict[str, Any]) -> dict[str, Any]:
-    """TINY with per-section updates merged in (one level deep)."""
-    out = copy.deepcopy(TINY)
+    """Every key (DVC needs each listed param present), TINY on top, then per-section updates."""
+    from components.params import Params
+
+    out = Params().model_dump(mode="json")
+    for key, update in copy.deepcopy(TINY).items():
+        out[key].update(update)
     for key, update in sections.items():
         out.setdefault(key, {}).update(update)
     return out

@@ -57,7 +57,7 @@ def test_tasks_and_dependencies_mirror_dvc_yaml(compiled) -> None:
     assert set(tasks) == expected
 
     def producer(display: str, artifact: str) -> str:
-        key, t = tasks[display]
+        _key, t = tasks[display]
         src = t["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
         return next(n for n, (k, _) in tasks.items() if k == src["producerTask"])
 
@@ -181,13 +181,16 @@ def test_retries_and_caching(compiled, tmp_path: Path) -> None:
 
 
 def test_secrets_from_kubernetes_never_parameters(compiled) -> None:
-    spec, platform, path = compiled
+    spec, platform, _path = compiled
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for label in spec["deploymentSpec"]["executors"]:
         if label == "exec-resolve-params":
             assert "secretAsEnv" not in k8s.get(label, {})
             continue
-        got = {s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]} for s in k8s[label]["secretAsEnv"]}
+        got = {
+            s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]}
+            for s in k8s[label]["secretAsEnv"]
+        }
         assert got == DEFAULT_SECRETS, label
     assert DEFAULT_SECRETS["daft-s3-credentials"] == {
         "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
@@ -230,7 +233,10 @@ def test_compile_is_deterministic_and_loads_back(tmp_path: Path, capsys) -> None
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     for out in (a, b):
-        assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--image", IMAGE, "-o", str(out)]) == 0
+        assert (
+            cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--image", IMAGE, "-o", str(out)])
+            == 0
+        )
     assert a.read_bytes() == b.read_bytes()
     loaded = components.load_component_from_file(str(a))
     assert loaded.name == "daft"
@@ -254,7 +260,9 @@ def test_sweep_pipeline_parallel_for_and_collected(tmp_path: Path) -> None:
     for t in loops.values():
         assert t["iteratorPolicy"]["parallelismLimit"] == 3
     # Inside the daft loop: head_lr / backbone_lr from the loop item, finetune then evaluate.
-    daft_loop = next(t for t in loops.values() if "daft_grid" in t["parameterIterator"]["items"]["inputParameter"])
+    daft_loop = next(
+        t for t in loops.values() if "daft_grid" in t["parameterIterator"]["items"]["inputParameter"]
+    )
     body = spec["components"][daft_loop["componentRef"]["name"]]["dag"]["tasks"]
     ft = next(t for t in body.values() if t["taskInfo"]["name"] == "finetune-daft")
     for field in ("head_lr", "backbone_lr"):
@@ -304,14 +312,22 @@ def test_cli_platform_file_and_bad_input(tmp_path: Path, capsys) -> None:
     spec, platform_spec = list(yaml.safe_load_all(out.read_text()))
     res = spec["deploymentSpec"]["executors"]["exec-finetune"]["container"]["resources"]
     assert res["resourceCpuRequest"] == "6" and res["resourceMemoryRequest"] == "12Gi"
-    assert "accelerator" not in spec["deploymentSpec"]["executors"]["exec-linear-probe"]["container"]["resources"]
-    secrets = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"]["secretAsEnv"]
+    assert (
+        "accelerator"
+        not in spec["deploymentSpec"]["executors"]["exec-linear-probe"]["container"]["resources"]
+    )
+    secrets = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"][
+        "secretAsEnv"
+    ]
     assert [s["secretName"] for s in secrets] == ["my-s3"]
     assert next(iter(spec["root"]["dag"]["tasks"].values()))["retryPolicy"]["maxRetryCount"] == 4
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("resources: {finetune: {cpus: '2'}}\n")
-    assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--platform", str(bad), "-o", str(out)]) == 2
+    assert (
+        cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--platform", str(bad), "-o", str(out)])
+        == 2
+    )
     assert "unknown key" in capsys.readouterr().err
     assert cli_main(["compile", "--params", str(tmp_path / "missing.yaml"), "-o", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
@@ -328,7 +344,9 @@ def _dockerfile() -> str:
 
 def test_dockerfile_pinned_install_nonroot_no_secrets() -> None:
     text = _dockerfile()
-    assert re.search(r"pip install [^\n]*-c constraints\.txt", text), "install must use the pinned constraints"
+    assert re.search(r"pip install [^\n]*-c constraints\.txt", text), (
+        "install must use the pinned constraints"
+    )
     assert "COPY constraints.txt" in text or "COPY pyproject.toml constraints.txt" in text
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
     assert "download.pytorch.org/whl/cpu" in text
@@ -343,7 +361,17 @@ def test_dockerfile_pinned_install_nonroot_no_secrets() -> None:
 
 def test_dockerignore_keeps_context_small_and_secret_free() -> None:
     lines = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()}
-    for pattern in (".git", ".venv", "mlflow.db", "mlruns", "mlartifacts", "data", "models", ".env", "kfp_local"):
+    for pattern in (
+        ".git",
+        ".venv",
+        "mlflow.db",
+        "mlruns",
+        "mlartifacts",
+        "data",
+        "models",
+        ".env",
+        "kfp_local",
+    ):
         assert any(p.strip("/*").startswith(pattern.strip("/")) for p in lines), pattern
     # What the build needs is not ignored.
     for needed in ("pyproject.toml", "constraints.txt", "README.md", "daft_core", "components", "pipelines"):

@@ -69,7 +69,9 @@ def _handler(state: FakeKfp) -> type[BaseHTTPRequestHandler]:
                 return self._reply(200, {"commit_sha": "test", "tag_name": "2.5.0", "multi_user": False})
             if (method, parts.path) == ("GET", "/apis/v2beta1/experiments"):
                 flt = json.loads(record["query"].get("filter", ["{}"])[0])
-                wanted = [p["stringValue"] for p in flt.get("predicates", []) if p.get("key") == "display_name"]
+                wanted = [
+                    p["stringValue"] for p in flt.get("predicates", []) if p.get("key") == "display_name"
+                ]
                 found = [e for e in state.experiments if not wanted or e["display_name"] in wanted]
                 return self._reply(200, {"experiments": found, "total_size": len(found)} if found else {})
             if (method, parts.path) == ("POST", "/apis/v2beta1/experiments"):
@@ -117,7 +119,9 @@ def _isolated_kfp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _submit(*extra: str) -> int:
-    return cli_main(["submit", "--params", str(ROOT / "params.yaml"), "--image", "reg.example/daft:1", *extra])
+    return cli_main(
+        ["submit", "--params", str(ROOT / "params.yaml"), "--image", "reg.example/daft:1", *extra]
+    )
 
 
 def test_submit_uploads_spec_parameters_experiment_and_run_name(kfp_server: FakeKfp, capsys) -> None:
@@ -166,7 +170,9 @@ def test_submit_uploads_spec_parameters_experiment_and_run_name(kfp_server: Fake
     assert {"prepare-data", "finetune-daft", "evaluate-lp", "report"} <= names
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"reg.example/daft:1"}
-    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"]["secretAsEnv"]
+    secrets = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-finetune"][
+        "secretAsEnv"
+    ]
     assert {s["secretName"] for s in secrets} == {"daft-s3-credentials", "daft-mlflow-credentials"}
     # The token never lands in the run.
     assert TOKEN not in json.dumps(body)
@@ -180,7 +186,9 @@ def test_existing_experiment_is_reused_and_env_endpoint_honoured(
     monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
     package = tmp_path / "sweep.yaml"
     assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--sweep", "-o", str(package)]) == 0
-    rc = _submit("--sweep", "--package", str(package), "--namespace", "team-a", "--param", "ft_lrs=[0.01, 0.1]")
+    rc = _submit(
+        "--sweep", "--package", str(package), "--namespace", "team-a", "--param", "ft_lrs=[0.01, 0.1]"
+    )
     assert rc == 0, capsys.readouterr().err
     assert not kfp_server.calls("POST", "/apis/v2beta1/experiments")
     (run,) = kfp_server.calls("POST", "/apis/v2beta1/runs")
