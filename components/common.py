@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from components.params import DEFAULT_PARAMS, Params, ParamsError, load_params, params_from_dict, parse_overrides
+from components.params import (
+    DEFAULT_PARAMS,
+    Params,
+    ParamsError,
+    load_params,
+    params_from_dict,
+    parse_overrides,
+)
 
 log = logging.getLogger("components")
 
@@ -40,7 +47,9 @@ class StepError(RuntimeError):
 
 def configure_logging() -> None:
     level = os.environ.get("DAFT_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("urllib3", "botocore", "alembic", "git", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -75,15 +84,21 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
 
     def main(argv: Sequence[str] | None = None) -> int:
         configure_logging()
+        from components.tracking import TrackingError
         from daft_core.bn_conversion import BNConversionError
         from daft_core.data.format import DatasetFormatError
         from daft_core.models import CheckpointError
 
-        from components.tracking import TrackingError
-
         try:
             run_main(argv)
-        except (ParamsError, StepError, DatasetFormatError, CheckpointError, BNConversionError, TrackingError) as e:
+        except (
+            ParamsError,
+            StepError,
+            DatasetFormatError,
+            CheckpointError,
+            BNConversionError,
+            TrackingError,
+        ) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except (FileNotFoundError, ValueError) as e:
@@ -96,7 +111,7 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success it replaces `final` in one rename, on failure it is removed.
+    """Yield a temp dir beside `final`; on success it replaces `final` in one rename, else it is removed.
 
     Readers never see a half-written output, and an old output survives a failed rerun.
     """
@@ -162,7 +177,9 @@ def load_data(data_dir: str | os.PathLike[str], tracker: Any = None, context: st
     from daft_core.data import load_bundle, read_manifest
 
     if not Path(data_dir).is_dir():
-        raise StepError(f"prepared data {data_dir} not found; run prepare_data first (`dvc repro prepare_data`)")
+        raise StepError(
+            f"prepared data {data_dir} not found; run prepare_data first (`dvc repro prepare_data`)"
+        )
     bundle = load_bundle(data_dir)
     if tracker is not None:
         tracker.log_dataset(str(data_dir), read_manifest(data_dir), name="prepared", context=context)

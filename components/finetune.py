@@ -60,7 +60,9 @@ def config_for(params: Params, method: str):  # -> FinetuneConfig
         momentum=f.momentum,
         weight_decay=f.weight_decay,
         augment=AugmentConfig(
-            hflip=f.augment.hflip, random_resized_crop=f.augment.random_resized_crop, scale=tuple(f.augment.scale)
+            hflip=f.augment.hflip,
+            random_resized_crop=f.augment.random_resized_crop,
+            scale=tuple(f.augment.scale),
         ),
         seed=f.seed,
         device=f.device,
@@ -135,7 +137,11 @@ def run(
             save_model(
                 result.model,
                 tmp / MODEL_FILE,
-                extra={"stage": "finetune", "method": method, "bn_converted": recipe.convert_bn or bn_converted},
+                extra={
+                    "stage": "finetune",
+                    "method": method,
+                    "bn_converted": recipe.convert_bn or bn_converted,
+                },
             )
             write_json(tmp / "history.json", result.history)
             write_json(tmp / "summary.json", summary)

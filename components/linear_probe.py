@@ -38,7 +38,9 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
 
     timer = Timer()
     lp = params.linear_probe
-    with tracked(params, "linear_probe", {"linear_probe": lp.model_dump(mode="json")}, method="lp") as tracker:
+    with tracked(
+        params, "linear_probe", {"linear_probe": lp.model_dump(mode="json")}, method="lp"
+    ) as tracker:
         bundle = load_data(data_dir, tracker, "training")
         source = load_model(model_file(model_in))
         device = resolve_device(lp.device)
@@ -67,7 +69,11 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
         for i, row in enumerate(result.sweep):
             tracker.log_metrics({"sweep.val_accuracy": row["val_accuracy"], "sweep.C": row["C"]}, step=i)
         tracker.log_metrics(
-            {"best_C": result.best_C, "val_accuracy": result.val_accuracy, "train_accuracy": result.train_accuracy}
+            {
+                "best_C": result.best_C,
+                "val_accuracy": result.val_accuracy,
+                "train_accuracy": result.train_accuracy,
+            }
         )
         tracker.log_model(
             source,

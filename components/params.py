@@ -55,7 +55,8 @@ class DataParams(_Strict):
             raise ValueError("val_fraction + test_fraction must be < 1 so training data is left")
         if self.preset == "imagefolder" and not (self.root or (self.id_train and self.id_test)):
             raise ValueError(
-                "preset 'imagefolder' needs data.root (with id_train/ and id_test/) or data.id_train and data.id_test"
+                "preset 'imagefolder' needs data.root (with id_train/ and id_test/) "
+                "or both data.id_train and data.id_test"
             )
         if self.preset == "cifar10" and not self.root:
             raise ValueError("preset 'cifar10' needs data.root (the folder holding the dataset files)")

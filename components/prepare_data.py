@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from components.common import Timer, atomic_dir, base_parser, cli, params_from_args, tracked, write_json
+from components.common import Timer, base_parser, cli, params_from_args, tracked, write_json
 from components.params import Params
 
 log = logging.getLogger(__name__)
@@ -17,7 +17,10 @@ def preset_kwargs(params: Params) -> dict[str, Any]:
     d = params.data
     if d.preset == "digits":
         train = 1.0 - d.val_fraction - d.test_fraction
-        return {"fractions": (train, d.val_fraction, d.test_fraction), "printed_per_class": d.printed_per_class}
+        return {
+            "fractions": (train, d.val_fraction, d.test_fraction),
+            "printed_per_class": d.printed_per_class,
+        }
     if d.preset == "imagefolder":
         return {
             "id_train": d.id_train,

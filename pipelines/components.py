@@ -199,18 +199,17 @@ def evaluate(
     finetune_info: str = "{}",
 ):
     """components.evaluate: `<method>.json` (+ `.details.json`, `finetune.json`) in `evaluation`."""
-    import json
     from pathlib import Path
 
     from components import evaluate as step
     from components.common import write_json
-    from pipelines.components import log_metrics, step_setup
+    from pipelines.components import as_mapping, log_metrics, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     out = Path(evaluation.path)
     out.mkdir(parents=True, exist_ok=True)
     result = step.run(params, method, model.path, reference.path, dataset.path, out / f"{method}.json")
-    info = json.loads(finetune_info or "{}")
+    info = as_mapping(finetune_info)
     write_json(out / "finetune.json", info)
     evaluation.metadata.update({"method": method, **{k: v for k, v in info.items() if k != "method"}})
     log_metrics(
@@ -330,7 +329,15 @@ def step_setup(params_json: str, tracking_uri: str, pipeline_run_id: str) -> "Pa
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     configure_logging()
-    return params_from_dict(json.loads(params_json), "params_json")
+    return params_from_dict(as_mapping(params_json), "params_json")
+
+
+def as_mapping(value: Any) -> dict[str, Any]:
+    """A JSON-string parameter as a dict. kfp.local (2.17) hands a JSON-looking string to the tasks inside a
+    ParallelFor already parsed; a cluster passes the string."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    return json.loads(value or "{}")
 
 
 def with_method_lrs(

@@ -23,10 +23,14 @@ pytestmark = pytest.mark.slow
 
 
 def _copy_project(dest: Path) -> None:
-    """The working tree as git sees it (tracked + untracked, not ignored), so uncommitted work is tested too."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    """The working tree as git sees it (tracked + untracked, not ignored): uncommitted work is tested too."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file() and not rel.startswith(("tests/", "benchmarks/")):
@@ -36,7 +40,9 @@ def _copy_project(dest: Path) -> None:
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, (
+        f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+    )
     return res.stdout + res.stderr
 
 
@@ -46,12 +52,16 @@ def _stages_run(output: str) -> set[str]:
 
 def _digest(path: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
     }
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer) -> tuple[Path, dict[str, str]]:
+def project(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer
+) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("repo")
     _copy_project(repo)
     tree = tiny_params(pipeline={"tracking": True, "experiment": "daft-e2e", "registered_model": "daft-e2e"})
@@ -62,7 +72,10 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServe
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         MLFLOW_TRACKING_URI=mlflow_server.uri,
         OMP_NUM_THREADS="1",
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
     )
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
@@ -79,8 +92,18 @@ def first_repro(project: tuple[Path, dict[str, str]]) -> str:
 def test_repro_runs_every_stage_and_writes_outputs(project, first_repro: str) -> None:
     repo, _ = project
     assert _stages_run(first_repro) >= {
-        "prepare_data", "pretrained", "convert_bn", "linear_probe", "finetune@ft", "finetune@lp_ft",
-        "finetune@daft", "evaluate@ft", "evaluate@lp_ft", "evaluate@daft", "evaluate_lp", "report",
+        "prepare_data",
+        "pretrained",
+        "convert_bn",
+        "linear_probe",
+        "finetune@ft",
+        "finetune@lp_ft",
+        "finetune@daft",
+        "evaluate@ft",
+        "evaluate@lp_ft",
+        "evaluate@daft",
+        "evaluate_lp",
+        "report",
     }
     for method in ("lp", "ft", "lp_ft", "daft"):
         m = json.loads((repo / f"metrics/methods/{method}.json").read_text())
@@ -95,7 +118,9 @@ def test_second_repro_runs_nothing(project, first_repro: str) -> None:
     assert _stages_run(out) == set(), out
 
 
-def test_registry_aliases_and_model_reproduces_evaluated_accuracy(project, first_repro: str, mlflow_server) -> None:
+def test_registry_aliases_and_model_reproduces_evaluated_accuracy(
+    project, first_repro: str, mlflow_server
+) -> None:
     import mlflow
     import torch
     from mlflow import MlflowClient
@@ -114,14 +139,20 @@ def test_registry_aliases_and_model_reproduces_evaluated_accuracy(project, first
     assert versions["daft"].tags["source_version"] == versions["bn-converted"].version  # lineage
     assert versions["lp-ft"].tags["source_version"] == versions["linear-probe"].version
     summary = json.loads((repo / "reports/summary.json").read_text())
-    assert versions["champion"].version == versions[{"lp": "linear-probe", "lp_ft": "lp-ft"}.get(
-        summary["champion"], summary["champion"])].version
+    assert (
+        versions["champion"].version
+        == versions[
+            {"lp": "linear-probe", "lp_ft": "lp-ft"}.get(summary["champion"], summary["champion"])
+        ].version
+    )
 
     mlflow.set_tracking_uri(mlflow_server.uri)
     model = mlflow.pytorch.load_model("models:/daft-e2e@daft")
     bundle = load_bundle(repo / "data/prepared")
     torch.set_num_threads(1)
-    got = evaluate(model, {"id_test": bundle.test}, batch_size=512, device="cpu")["sets"]["id_test"]["accuracy"]
+    got = evaluate(model, {"id_test": bundle.test}, batch_size=512, device="cpu")["sets"]["id_test"][
+        "accuracy"
+    ]
     expected = json.loads((repo / "metrics/methods/daft.json").read_text())["id_test_accuracy"]
     assert got == expected
 
@@ -133,8 +164,11 @@ def test_registry_aliases_and_model_reproduces_evaluated_accuracy(project, first
     assert len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert len(children) >= 12
-    finetune_daft = [r for r in children if r.data.tags.get("daft.step") == "finetune"
-                     and r.data.tags.get("daft.method") == "daft"][0]
+    finetune_daft = next(
+        r
+        for r in children
+        if r.data.tags.get("daft.step") == "finetune" and r.data.tags.get("daft.method") == "daft"
+    )
     assert client.get_metric_history(finetune_daft.info.run_id, "val_accuracy")[0].step == 1
     assert finetune_daft.inputs.dataset_inputs or finetune_daft.data.tags.get("daft.data_digest")
 

@@ -31,15 +31,28 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     linear_probe.run(params, wd / "models/pretrained", wd / "data", wd / "models/linear_probe")
     for method, start in (("ft", "pretrained"), ("lp_ft", "linear_probe"), ("daft", "bn_converted")):
         finetune.run(
-            params, method, wd / f"models/{start}", wd / "data", wd / f"models/finetune/{method}",
+            params,
+            method,
+            wd / f"models/{start}",
+            wd / "data",
+            wd / f"models/finetune/{method}",
             wd / f"metrics/curves/{method}.json",
         )
         evaluate.run(
-            params, method, wd / f"models/finetune/{method}", wd / "models/pretrained", wd / "data",
+            params,
+            method,
+            wd / f"models/finetune/{method}",
+            wd / "models/pretrained",
+            wd / "data",
             wd / f"metrics/methods/{method}.json",
         )
     evaluate.run(
-        params, "lp", wd / "models/linear_probe", wd / "models/pretrained", wd / "data", wd / "metrics/methods/lp.json"
+        params,
+        "lp",
+        wd / "models/linear_probe",
+        wd / "models/pretrained",
+        wd / "data",
+        wd / "metrics/methods/lp.json",
     )
     report.run(params, wd / "metrics/methods", wd / "reports")
     return wd
@@ -83,8 +96,11 @@ def test_finetune_outputs_and_curves(workdir: Path) -> None:
 
 
 def test_metrics_and_report(workdir: Path) -> None:
-    rows = {p.stem: json.loads(p.read_text()) for p in (workdir / "metrics/methods").glob("*.json")
-            if not p.name.endswith(".details.json")}
+    rows = {
+        p.stem: json.loads(p.read_text())
+        for p in (workdir / "metrics/methods").glob("*.json")
+        if not p.name.endswith(".details.json")
+    }
     assert set(rows) == {"lp", "ft", "lp_ft", "daft"}
     for r in rows.values():
         assert 0 <= r["id_test_accuracy"] <= 1 and set(r["ood"]) == {"printed", "corrupted"}
@@ -140,5 +156,29 @@ def test_failed_rerun_keeps_the_previous_output(workdir: Path, tmp_path: Path) -
 
 def test_unknown_method_is_rejected(workdir: Path, tmp_path: Path) -> None:
     params = params_from_dict(tiny_params())
-    with pytest.raises(Exception, match="not configured under finetune.methods"):
-        finetune.run(params, "daft_bn_only", workdir / "models/bn_converted", workdir / "data", tmp_path / "x")
+    with pytest.raises(Exception, match=r"not configured under finetune\.methods"):
+        finetune.run(
+            params, "daft_bn_only", workdir / "models/bn_converted", workdir / "data", tmp_path / "x"
+        )
+
+
+def test_unreachable_mlflow_server_fails_fast_without_outputs(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the with-block ends
+    write_params(tmp_path / "params.yaml", tiny_params(pipeline={"tracking": True}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    res = subprocess.run(
+        [sys.executable, "-m", "components.prepare_data", "--out", "out"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2
+    assert f"127.0.0.1:{port}" in res.stderr and "pipeline.tracking: false" in res.stderr
+    assert not (tmp_path / "out").exists()
