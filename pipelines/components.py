@@ -50,11 +50,17 @@ def resolve_params(
     registered_model: str,
     epochs: int,
     seed: int,
+    params: Output[Artifact],
 ) -> str:
-    """Validate params.yaml's tree with the pipeline parameters applied; every other step reads the result."""
+    """Validate params.yaml's tree with the pipeline parameters applied; every other step reads the result.
+
+    Returns it as a string (``params_json`` of the steps) and writes it to `params` (a JSON file) for the
+    steps inside a sweep's ParallelFor (see pipelines.pipeline: kfp.local cannot pass a task's output
+    parameter into a loop).
+    """
     from pipelines.components import resolve_params_json
 
-    return resolve_params_json(
+    resolved = resolve_params_json(
         params_json,
         {
             "pipeline.tracking": tracking,
@@ -64,6 +70,9 @@ def resolve_params(
             "finetune.seed": seed,
         },
     )
+    with open(params.path, "w") as f:
+        f.write(resolved)
+    return resolved
 
 
 def prepare_data(
@@ -140,7 +149,6 @@ def linear_probe(
 
 
 def finetune(
-    params_json: str,
     tracking_uri: str,
     pipeline_run_id: str,
     method: str,
@@ -148,6 +156,8 @@ def finetune(
     start: Input[Model],
     model: Output[Model],
     metrics: Output[Metrics],
+    params_json: str = "",
+    params_file: Optional[Input[Artifact]] = None,  # noqa: UP045
     lr: Optional[float] = None,  # noqa: UP045
     head_lr: Optional[float] = None,  # noqa: UP045
     backbone_lr: Optional[float] = None,  # noqa: UP045
@@ -168,9 +178,8 @@ def finetune(
         with_method_lrs,
     )
 
-    params = with_method_lrs(
-        step_setup(params_json, tracking_uri, pipeline_run_id), method, lr, head_lr, backbone_lr
-    )
+    params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
+    params = with_method_lrs(params, method, lr, head_lr, backbone_lr)
     summary = step.run(params, method, start.path, dataset.path, model.path)
     version = summary.get("registered_version") or registered_version(params, method)
     recipe = step.recipe_for(params, method)
@@ -187,7 +196,6 @@ def finetune(
 
 
 def evaluate(
-    params_json: str,
     tracking_uri: str,
     pipeline_run_id: str,
     method: str,
@@ -196,6 +204,8 @@ def evaluate(
     reference: Input[Model],
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
+    params_json: str = "",
+    params_file: Optional[Input[Artifact]] = None,  # noqa: UP045
     finetune_info: str = "{}",
 ):
     """components.evaluate: `<method>.json` (+ `.details.json`, `finetune.json`) in `evaluation`."""
@@ -205,7 +215,7 @@ def evaluate(
     from components.common import write_json
     from pipelines.components import as_mapping, log_metrics, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
     out = Path(evaluation.path)
     out.mkdir(parents=True, exist_ok=True)
     result = step.run(params, method, model.path, reference.path, dataset.path, out / f"{method}.json")
@@ -319,8 +329,14 @@ def resolve_params_json(params_json: str, overrides: Mapping[str, Any]) -> str:
     return params_to_json(params_from_dict(raw, "pipeline parameters"))
 
 
-def step_setup(params_json: str, tracking_uri: str, pipeline_run_id: str) -> "Params":
-    """Environment for the step (tracking URI, KFP run id), logging, and the validated params."""
+def step_setup(
+    params_json: Any, tracking_uri: str, pipeline_run_id: str, params_file: Any = None
+) -> "Params":
+    """Environment for the step (tracking URI, KFP run id), logging, and the validated params.
+
+    The params come from `params_json`, or from the `params_file` artifact (resolve_params' JSON file) when
+    given (the steps inside a sweep's ParallelFor).
+    """
     from components.common import configure_logging
     from components.params import params_from_dict
 
@@ -329,12 +345,14 @@ def step_setup(params_json: str, tracking_uri: str, pipeline_run_id: str) -> "Pa
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     configure_logging()
+    if params_file is not None:
+        return params_from_dict(json.loads(Path(params_file.path).read_text()), "params_file")
     return params_from_dict(as_mapping(params_json), "params_json")
 
 
 def as_mapping(value: Any) -> dict[str, Any]:
-    """A JSON-string parameter as a dict. kfp.local (2.17) hands a JSON-looking string to the tasks inside a
-    ParallelFor already parsed; a cluster passes the string."""
+    """A JSON-string parameter as a dict (also accepts one already parsed: kfp.local's loop handling may
+    substitute parsed JSON values; a cluster passes the string)."""
     if isinstance(value, Mapping):
         return dict(value)
     return json.loads(value or "{}")

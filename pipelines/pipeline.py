@@ -262,7 +262,7 @@ def build_pipeline(params: Params, opts: PipelineOptions | None = None):  # -> k
             seed=kw["seed"],
         )
         configure_task(resolved, "resolve_params", opts)
-        pj = resolved.output
+        pj = resolved.outputs["Output"]
         prep = configure_task(c.prepare_data(**common(pj)), "prepare_data", opts)
         dataset = prep.outputs["dataset"]
         pre = configure_task(c.pretrained(**common(pj), dataset=dataset), "pretrained", opts)
@@ -279,13 +279,17 @@ def build_pipeline(params: Params, opts: PipelineOptions | None = None):  # -> k
             "linear_probe": probe.outputs["model"],
         }
 
-        def branch(method: str, lrs: Mapping[str, Any]) -> dsl.PipelineTask:
-            ft = c.finetune(
-                **common(pj), method=method, dataset=dataset, start=starts[methods[method].start], **lrs
-            )
+        def branch(method: str, lrs: Mapping[str, Any], in_loop: bool = False) -> dsl.PipelineTask:
+            # Inside a ParallelFor the params travel as resolve_params' JSON artifact: kfp.local (2.17.3)
+            # replaces every task-output *parameter* entering a loop with the loop item. Same content.
+            src = {"params_file": resolved.outputs["params"]} if in_loop else {"params_json": pj}
+            run_args = {k: v for k, v in common(pj).items() if k != "params_json"}
+            start = starts[methods[method].start]
+            ft = c.finetune(**run_args, **src, method=method, dataset=dataset, start=start, **lrs)
             configure_task(ft.set_display_name(f"finetune-{method}"), "finetune", opts)
             ev = c.evaluate(
-                **common(pj),
+                **run_args,
+                **src,
                 method=method,
                 dataset=dataset,
                 model=ft.outputs["model"],
@@ -316,7 +320,7 @@ def build_pipeline(params: Params, opts: PipelineOptions | None = None):  # -> k
                     lrs = {"lr": point}
                 else:
                     lrs = {"head_lr": point.head_lr, "backbone_lr": point.backbone_lr}
-                ev = branch(method, lrs)
+                ev = branch(method, lrs, in_loop=True)
             evaluations[method] = dsl.Collected(ev.outputs["evaluation"])
 
         final_step = "select_best" if opts.sweep else "report"

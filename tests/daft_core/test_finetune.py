@@ -6,6 +6,7 @@ Uses a tiny conv net with BatchNorm and 32 synthetic 8x8 images, so the whole fi
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daft_core import finetune as ft_module
 from daft_core.augment import AugmentConfig, augment_batch, to_float_resized
 from daft_core.finetune import (
     CheckpointMismatchError,
@@ -26,6 +26,8 @@ from daft_core.finetune import (
     finetune,
 )
 from daft_core.recipes import get_recipe
+
+ft_module = importlib.import_module("daft_core.finetune")  # the package re-exports a function of that name
 
 NUM_CLASSES = 3
 

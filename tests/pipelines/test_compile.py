@@ -128,7 +128,7 @@ def test_executors_use_project_image_and_call_the_step(compiled) -> None:
         src = "\n".join(executors[f"exec-{step.replace('_', '-')}"]["container"]["command"])
         assert f"from components import {step} as step" in src
         assert "step.run(" in src
-        assert "step_setup(params_json, tracking_uri, pipeline_run_id)" in src
+        assert "step_setup(params_json, tracking_uri, pipeline_run_id" in src
     report_src = "\n".join(executors["exec-report"]["container"]["command"])
     assert "assemble_report" in report_src
 
@@ -270,6 +270,8 @@ def test_sweep_pipeline_parallel_for_and_collected(tmp_path: Path) -> None:
         assert src["componentInputParameter"] == "pipelinechannel--daft_grid-loop-item"
         assert src["parameterExpressionSelector"] == f'parseJson(string_value)["{field}"]'
     assert {t["taskInfo"]["name"] for t in body.values()} == {"finetune-daft", "evaluate-daft"}
+    # Inside the loop the resolved params come as resolve_params' JSON artifact (not a task output parameter).
+    assert "params_file" in ft["inputs"]["artifacts"] and "params_json" not in ft["inputs"]["parameters"]
     # The collected evaluations feed select_best, which depends on every loop.
     select = next(t for t in tasks.values() if t["taskInfo"]["name"] == "select-best")
     for m in METHODS:
