@@ -10,6 +10,7 @@ def test_importing_daft_core_loads_no_pipeline_frameworks() -> None:
         "bad = sorted({m.split('.')[0] for m in sys.modules} & {'mlflow', 'kfp', 'dvc', 'boto3'});"
         "print(','.join(bad))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    cmd = [sys.executable, "-c", code]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     assert res.stdout.strip() == "", f"daft_core imported {res.stdout.strip()}"
     assert "convert_batchnorm" in dir(__import__("daft_core"))
