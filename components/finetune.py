@@ -154,7 +154,7 @@ def run(
             write_json(curves_out, result.history)
         tracker.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy})
         tracker.log_dict(result.history, "history.json")
-        tracker.log_model(
+        summary["registered_version"] = tracker.log_model(
             result.model,
             registered_model=params.pipeline.registered_model,
             stage="finetune",
