@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    import torch
+
     from daft_core.models import build_model, count_batchnorm, save_model
 
     timer = Timer()
     m = params.model
     with tracked(params, "pretrained", {"model": m.model_dump(mode="json")}) as tracker:
         bundle = load_data(data_dir, tracker, "training")
+        torch.manual_seed(params.finetune.seed)  # a randomly initialised head/backbone is reproducible too
         model = build_model(
             m.name, weights=m.weights, num_classes=len(bundle.class_names), input_size=m.input_size
         )
