@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from daft_core.devices import module_device
+
 __all__ = [
     "AFFINE_FALSE_CHOICES",
     "STATS_CHOICES",
@@ -124,14 +126,6 @@ def _sum_across_ranks(tensors: list[torch.Tensor], device: torch.device) -> list
     return [p.reshape(t.shape).to(t.device) for p, t in zip(parts, tensors, strict=True)]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _first_element(batch: Any) -> Any:
     return batch[0] if isinstance(batch, tuple | list) else batch
 
@@ -169,7 +163,7 @@ def convert_batchnorm(
             "subclass); there is nothing to convert"
         )
 
-    device = _model_device(model)
+    device = module_device(model)
     tracked = [(name, m) for name, m in layers if m.track_running_stats and m.running_mean is not None]
     accs = {name: _Accumulator() for name, _ in tracked}
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daft_core.devices import module_device
+
 __all__ = ["evaluate", "expected_calibration_error", "parameter_distance"]
 
 log = logging.getLogger(__name__)
@@ -135,14 +137,6 @@ def _batches(
             images[start : start + batch_size].to(device, non_blocking=True),
             labels[start : start + batch_size].to(device, non_blocking=True),
         )
-
-
-def _module_device(m: nn.Module) -> torch.device:
-    for t in m.parameters():
-        return t.device
-    for t in m.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -306,9 +300,9 @@ def evaluate(
     for name, ds in sets.items():
         _validate(name, ds, num_classes)
 
-    dev = torch.device(device) if device is not None else _module_device(model)
+    dev = torch.device(device) if device is not None else module_device(model)
     modules = [m for m in (model, reference) if m is not None]
-    saved = [({m: m.training for m in mod.modules()}, _module_device(mod)) for mod in modules]
+    saved = [({m: m.training for m in mod.modules()}, module_device(mod)) for mod in modules]
     try:
         for mod in modules:
             mod.to(dev).eval()

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from daft_core.devices import module_device
+
 __all__ = ["LOGSPACE_CS", "ProbeResult", "extract_features", "fit_linear_probe"]
 
 logger = logging.getLogger(__name__)
@@ -66,14 +68,6 @@ def _maybe_tqdm(total: int | None, desc: str, iterable: Iterable[Any] | None = N
     return tqdm(iterable, total=total, desc=desc, disable=None, leave=False)
 
 
-def _module_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def extract_features(
     model: nn.Module,
     batches: Iterable[Any],
@@ -91,7 +85,7 @@ def extract_features(
     """
     if not callable(getattr(model, "features", None)):
         raise TypeError("model must expose features(x) -> (N, D) penultimate features (see DaftModel)")
-    dev = torch.device(device) if device is not None else _module_device(model)
+    dev = torch.device(device) if device is not None else module_device(model)
     modes = [(m, m.training) for m in model.modules()]
     it: Iterable[Any] = batches
     if progress:
