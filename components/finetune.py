@@ -67,6 +67,7 @@ def config_for(params: Params, method: str):  # -> FinetuneConfig
         seed=f.seed,
         device=f.device,
         compile=f.compile,
+        channels_last=f.channels_last,
         eval_batch_size=params.evaluate.batch_size,
     )
 
