@@ -119,7 +119,7 @@ class FinetuneParams(_Strict):
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
-    # channels_last is ~20% faster for EfficientNet's depthwise convs on CPU too (measured), same accuracy
+    # channels_last is ~20% faster for EfficientNet's depthwise convs on CPU too (measured), same accuracy.
     channels_last: Literal["auto", "on", "off"] = "on"
     augment: AugmentParams = AugmentParams()
     methods: dict[str, MethodParams] = Field(default_factory=dict)
@@ -131,6 +131,13 @@ class FinetuneParams(_Strict):
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; valid: {list(FINETUNE_METHODS)}")
         return v
+
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _yaml_11_bool(cls, v: Any) -> Any:
+        """`dvc exp run -S` writes a bare `on`/`off`, which YAML 1.1 readers (PyYAML) load as a bool."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvaluateParams(_Strict):
