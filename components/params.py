@@ -132,7 +132,6 @@ class FinetuneParams(_Strict):
             raise ValueError(f"unknown method(s) {unknown}; valid: {list(FINETUNE_METHODS)}")
         return v
 
-
     @field_validator("channels_last", mode="before")
     @classmethod
     def _yaml_11_bool(cls, v: Any) -> Any:
