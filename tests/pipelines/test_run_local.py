@@ -15,28 +15,14 @@ from pipelines.cli import main as cli_main
 from pipelines.cli import run_local
 from pipelines.components import assemble_report
 from pipelines.pipeline import PipelineOptions
+from tests.tiny_params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "daft-kfp-tiny"
-# A shrunken params.yaml: the tiny BN CNN, 1 epoch, 3 Cs, CPU.
-TINY: dict[str, Any] = {
-    "pipeline": {"experiment": "daft-kfp-local", "registered_model": MODEL, "tracking": True},
-    "data": {"preset": "digits", "seed": 0, "printed_per_class": 2},
-    "model": {"name": "tiny_cnn", "weights": None, "input_size": 16},
-    "convert_bn": {"batch_size": 256},
-    "linear_probe": {"num_cs": 3, "c_min": 0.01, "c_max": 10.0, "device": "cpu"},
-    "finetune": {
-        "epochs": 1,
-        "batch_size": 128,
-        "device": "cpu",
-        "methods": {
-            "ft": {"start": "pretrained", "lr": 0.01},
-            "lp_ft": {"start": "linear_probe", "lr": 0.001},
-            "daft": {"start": "bn_converted", "head_lr": 1.0, "backbone_lr": 1.0e-4},
-        },
-    },
-    "evaluate": {"batch_size": 512, "device": "cpu"},
-}
+# The shared shrunken params tree (tests/tiny_params.py: tiny BN CNN, 1 epoch, few Cs, CPU), tracked.
+TINY: dict[str, Any] = tiny_params(
+    pipeline={"experiment": "daft-kfp-local", "registered_model": MODEL, "tracking": True}
+)
 ALIASES = {"pretrained", "bn-converted", "linear-probe", "ft", "lp-ft", "daft", "champion"}
 
 
