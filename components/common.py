@@ -19,6 +19,7 @@ from components.params import (
     DEFAULT_PARAMS,
     Params,
     ParamsError,
+    apply_overrides,
     load_params,
     params_from_dict,
     parse_overrides,
@@ -71,11 +72,7 @@ def params_from_args(args: argparse.Namespace) -> Params:
             raw = json.loads(args.params_json)
         except json.JSONDecodeError as e:
             raise ParamsError(f"--params-json is not valid JSON: {e}") from None
-        from components.params import _set_dotted
-
-        for k, v in overrides.items():
-            _set_dotted(raw, k, v)
-        return params_from_dict(raw, "--params-json")
+        return params_from_dict(apply_overrides(raw, overrides), "--params-json")
     return load_params(args.params, overrides)
 
 

@@ -175,6 +175,13 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key of `overrides` in the raw params tree (before validation)."""
+    for key, value in (overrides or {}).items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """`key.sub=value` strings (values parsed as YAML) into a dotted dict."""
     out: dict[str, Any] = {}
@@ -204,9 +211,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
         raise ParamsError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
-    return params_from_dict(raw, str(path))
+    return params_from_dict(apply_overrides(raw, overrides), str(path))
 
 
 def params_to_json(params: Params) -> str:

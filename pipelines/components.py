@@ -321,11 +321,9 @@ PIPELINE_ID_ENV = "DAFT_PIPELINE_RUN_ID"
 
 
 def resolve_params_json(params_json: str, overrides: Mapping[str, Any]) -> str:
-    from components.params import _set_dotted, params_from_dict, params_to_json
+    from components.params import apply_overrides, params_from_dict, params_to_json
 
-    raw = json.loads(params_json)
-    for key, value in overrides.items():
-        _set_dotted(raw, key, value)
+    raw = apply_overrides(json.loads(params_json), dict(overrides))
     return params_to_json(params_from_dict(raw, "pipeline parameters"))
 
 
