@@ -54,43 +54,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from daft_core.augment import AugmentConfig
+from components.finetune import finetune_config
+from components.params import DEFAULT_PARAMS, Params, load_params, parse_overrides
 from daft_core.data import iterate_batches, load_preset
+from daft_core.devices import resolve_device
 from daft_core.evaluate import evaluate
-from daft_core.finetune import FinetuneConfig, NonFiniteLossError, finetune
+from daft_core.methods import FINETUNED_METHODS, METHOD_ORDER, METHODS, LrPair, get_recipe
 from daft_core.models import build_model
 from daft_core.probe import LOGSPACE_CS, extract_features, fit_linear_probe
-from daft_core.recipes import get_recipe
+from daft_core.selection import best_index
+from daft_core.training import FinetuneConfig, NonFiniteLossError, finetune
 
 log = logging.getLogger("benchmarks.compare_methods")
 
-ALL_METHODS = ("ft", "lp", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
-FINETUNED = ("ft", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
-TWO_LR = ("daft", "daft_fast_head_only")  # head lr >> backbone lr; the others use one lr for both
+# Everything about the methods comes from the catalogue (daft_core.methods).
+ALL_METHODS = METHOD_ORDER
+FINETUNED = FINETUNED_METHODS
+TWO_LR = tuple(m for m in FINETUNED if METHODS[m].sweep == "grid")  # head lr and backbone lr apart
 # Ablations inherit their parent's selected lrs unless given a grid of their own.
-PARENT = {"daft_bn_only": "ft", "daft_fast_head_only": "daft"}
-# Run order: DAFT first (the method under study), and a parent before its ablation.
-ORDER = ("lp", "daft", "ft", "lp_ft", "daft_fast_head_only", "daft_bn_only")
+PARENT = {m: METHODS[m].lr_from for m in FINETUNED if METHODS[m].lr_from}
+# Run order: a parent before its ablation.
+ORDER = ("lp", *(m for m in FINETUNED if m not in PARENT), *PARENT)
+DEFAULT_GRIDS: dict[str, list[LrPair]] = {m: list(METHODS[m].grid) for m in FINETUNED if METHODS[m].grid}
 
-LrPair = tuple[float, float]  # (head_lr, backbone_lr)
 
-# The default sweep grids (seed 0, selected on ID val). Scale, for EfficientNet-Lite0 at 48 px on digits:
-# its 1280-d penultimate features have norms ~60, so a zero-initialised head trained by SGD (momentum 0.9,
-# batch 64) on raw features is best at head lr ~3e-3..3e-2 and diverges in loss beyond ~0.1 (the paper's
-# ResNet-50 head lrs of 0.1-10 do not transfer); the backbone lrs straddle 1e-3.
-DEFAULT_GRIDS: dict[str, list[LrPair]] = {
-    "ft": [(lr, lr) for lr in (1e-2, 3e-2, 1e-1)],
-    "lp_ft": [(lr, lr) for lr in (1e-3, 3e-3, 1e-2)],
-    "daft": [(h, b) for h in (1e-2, 3e-2) for b in (1e-3, 1e-2)],
-}
-# Used with --no-sweep (and for ablations whose parent is not run).
-DEFAULT_LRS: dict[str, LrPair] = {
-    "ft": (3e-2, 3e-2),
-    "lp_ft": (3e-3, 3e-3),
-    "daft": (1e-2, 1e-3),
-    "daft_bn_only": (3e-2, 3e-2),
-    "daft_fast_head_only": (1e-2, 1e-3),
-}
+def default_lrs(params: Params, method: str) -> LrPair:
+    """--no-sweep (and ablations whose parent is not run): params.yaml's lrs, else the recipe's defaults."""
+    recipe = params.recipe(method) if method in params.finetune.methods else get_recipe(method)
+    return (recipe.head_lr, recipe.backbone_lr)
 
 
 # ------------------------------------------------------------------------------------------------ args
@@ -132,20 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
         description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default="digits")
-    p.add_argument("--data-seed", type=int, default=0, help="split/OOD seed, fixed across fine-tuning seeds")
+    p.add_argument("--params", default=str(DEFAULT_PARAMS), help="settings from this params.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    p.add_argument("--preset", default=None, help="data.preset (default: params')")
+    p.add_argument("--data-seed", type=int, default=None, help="data.seed: split/OOD, fixed across seeds")
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--input-size", type=int, default=48)
-    p.add_argument("--model", default="efficientnet_lite0", help="a name in daft_core.MODEL_REGISTRY")
-    p.add_argument("--weights", default="imagenet", help="'imagenet', a checkpoint path, or 'none' (random)")
+    p.add_argument("--epochs", type=int, default=None, help="finetune.epochs (default: params')")
+    p.add_argument("--batch-size", type=int, default=None, help="finetune.batch_size (default: params')")
+    p.add_argument("--input-size", type=int, default=None, help="model.input_size (default: params')")
+    p.add_argument("--model", default=None, help="model.name: a name in daft_core.MODEL_REGISTRY")
+    p.add_argument("--weights", default=None, help="model.weights: 'imagenet', a checkpoint path, or 'none'")
     p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated subset")
     p.add_argument("--no-sweep", action="store_true", help="no lr sweep: use --lr values or the defaults")
     p.add_argument("--grid", action="append", metavar="METHOD=LRS", help="override a method's sweep grid")
     p.add_argument("--lr", action="append", metavar="METHOD=LR", help="lrs for --no-sweep (one entry)")
     p.add_argument("--max-train", type=int, default=None, help="subsample ID train (smoke tests)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=None, help="finetune.device (default: params')")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="write PREFIX.md and PREFIX.json")
     return p
@@ -181,17 +174,26 @@ def _flat_metrics(ev: dict[str, Any], ood_names: Sequence[str]) -> dict[str, flo
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def _finetune_config(args: argparse.Namespace, seed: int) -> FinetuneConfig:
-    # Same loop settings as params.yaml's finetune section (the pipeline this benchmark informs).
-    return FinetuneConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        momentum=0.9,
-        weight_decay=0.0,
-        seed=seed,
-        device=args.device,
-        augment=AugmentConfig(hflip=False, random_resized_crop=True, scale=(0.7, 1.0)),
-    )
+def load_settings(args: argparse.Namespace) -> Params:
+    """params.yaml, then --set, then the explicit flags: the pipeline's settings unless told otherwise."""
+    overrides = parse_overrides(args.set)
+    flags = {
+        "data.preset": args.preset,
+        "data.seed": args.data_seed,
+        "finetune.epochs": args.epochs,
+        "finetune.batch_size": args.batch_size,
+        "finetune.device": args.device,
+        "model.input_size": args.input_size,
+        "model.name": args.model,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if args.weights is not None:
+        overrides["model.weights"] = None if args.weights.lower() == "none" else args.weights
+    return load_params(args.params, overrides)
+
+
+def _finetune_config(params: Params, method: str, seed: int) -> FinetuneConfig:
+    return finetune_config(params, method, seed=seed)
 
 
 def _run_one(
@@ -200,7 +202,7 @@ def _run_one(
     seed: int,
     pretrained: torch.nn.Module,
     bundle: Any,
-    args: argparse.Namespace,
+    params: Params,
     probe_head: torch.nn.Linear | None,
 ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """One fine-tuning run; returns (best-val model or None if it diverged, record)."""
@@ -214,7 +216,7 @@ def _run_one(
             bundle.train,
             bundle.val,
             recipe,
-            _finetune_config(args, seed),
+            _finetune_config(params, method, seed),
             probe_head=probe_head if recipe.head_init == "probe" else None,
         )
     except NonFiniteLossError as e:
@@ -241,15 +243,8 @@ def _run_one(
 
 
 def _select(sweep: Sequence[dict[str, Any]]) -> int:
-    """Index of the best ID-val accuracy (ties: earliest); diverged runs (None) never win."""
-    best, best_acc = -1, -math.inf
-    for i, r in enumerate(sweep):
-        acc = r.get("val_accuracy")
-        if acc is not None and acc > best_acc:
-            best, best_acc = i, acc
-    if best < 0:
-        raise RuntimeError("every configuration of the sweep diverged; lower the learning rates")
-    return best
+    """Index of the best ID-val accuracy (daft_core.selection: ties earliest, diverged runs never win)."""
+    return best_index(sweep, lambda r: r.get("val_accuracy"))
 
 
 def _eval_sets(bundle: Any) -> dict[str, Any]:
@@ -328,7 +323,7 @@ def run_finetuned(
     seeds: Sequence[int],
     pretrained: torch.nn.Module,
     bundle: Any,
-    args: argparse.Namespace,
+    params: Params,
     probe_head: torch.nn.Linear | None,
     inherited_from: str | None = None,
 ) -> dict[str, Any]:
@@ -337,7 +332,7 @@ def run_finetuned(
     if sweep and len(grid) > 1:
         best_model, best_idx = None, -1
         for i, lrs in enumerate(grid):
-            model, rec = _run_one(method, lrs, seeds[0], pretrained, bundle, args, probe_head)
+            model, rec = _run_one(method, lrs, seeds[0], pretrained, bundle, params, probe_head)
             sweep_records.append(rec)
             if model is not None and _select(sweep_records) == i:
                 best_model, best_idx = model, i  # keep only the current best model in memory
@@ -358,7 +353,7 @@ def run_finetuned(
             f"inherited from {inherited_from}'s selected lrs" if inherited_from else "fixed (no sweep)"
         )
     for seed in rest:
-        model, rec = _run_one(method, chosen, seed, pretrained, bundle, args, probe_head)
+        model, rec = _run_one(method, chosen, seed, pretrained, bundle, params, probe_head)
         if model is None:
             raise RuntimeError(f"{method} diverged at seed {seed} with the selected lrs {chosen}")
         if not sweep_records and seed == seeds[0]:
@@ -462,10 +457,11 @@ def write_outputs(results: dict[str, Any], prefix: str | os.PathLike[str]) -> No
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _load_bundle(args: argparse.Namespace) -> Any:
-    bundle = load_preset(args.preset, seed=args.data_seed)
+def _load_bundle(args: argparse.Namespace, params: Params) -> Any:
+    d = params.data
+    bundle = load_preset(d.preset, seed=d.seed)
     if args.max_train is not None and args.max_train < len(bundle.train.labels):
-        g = torch.Generator().manual_seed(args.data_seed)
+        g = torch.Generator().manual_seed(d.seed)
         idx = torch.randperm(len(bundle.train.labels), generator=g)[: args.max_train]
         bundle.train = bundle.train.subset(idx.sort().values, "id_train")
     return bundle
@@ -474,7 +470,7 @@ def _load_bundle(args: argparse.Namespace) -> Any:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("daft_core", "daft_core.finetune", "daft_core.probe", "daft_core.evaluate"):
+    for noisy in ("daft_core", "daft_core.training", "daft_core.probe", "daft_core.evaluate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -482,35 +478,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(methods) - set(ALL_METHODS))
     if unknown or not methods:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}")
-    if args.seeds < 1 or args.epochs < 1:
+    if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
         raise SystemExit("--seeds and --epochs must be >= 1")
+    params = load_settings(args)
     grids = {**DEFAULT_GRIDS, **_method_map(args.grid, "--grid")}
     fixed = _method_map(args.lr, "--lr")
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
 
-    bundle = _load_bundle(args)
-    weights = None if args.weights.lower() == "none" else args.weights
+    bundle = _load_bundle(args, params)
+    m = params.model
     pretrained = build_model(
-        args.model, weights=weights, num_classes=len(bundle.class_names), input_size=args.input_size
+        m.name, weights=m.weights, num_classes=len(bundle.class_names), input_size=m.input_size
     ).eval()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu")
-    if args.device != "auto":
-        device = torch.device(args.device)
+    device = resolve_device(params.finetune.device)
     results: dict[str, Any] = {
         "benchmark": "compare_methods",
         "command": "python -m benchmarks.compare_methods "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {
-            "preset": args.preset,
-            "data_seed": args.data_seed,
+            "params": args.params,
+            "preset": params.data.preset,
+            "data_seed": params.data.seed,
             "seeds": seeds,
             "seed_policy": "fine-tuning seed varies; data split and OOD sets fixed (data seed)",
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
+            "epochs": params.finetune.epochs,
+            "batch_size": params.finetune.batch_size,
             "input_size": pretrained.input_size,
-            "model": args.model,
-            "weights": args.weights,
+            "model": m.name,
+            "weights": m.weights or "none",
             "sweep": not args.no_sweep,
             "selection": "ID val accuracy (seed 0 sweep); ID test never used for selection",
             "n_train": len(bundle.train.labels),
@@ -546,16 +542,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if method in fixed:
             grid, sweep = fixed[method][:1], False
         elif args.no_sweep:
-            grid, sweep = [DEFAULT_LRS[method]], False
+            grid, sweep = [default_lrs(params, method)], False
         elif method in grids:
             grid, sweep = grids[method], True
         elif parent is not None and parent in results["methods"]:
             sel = results["methods"][parent]["selected"]
             grid, sweep, inherited = [(sel["head_lr"], sel["backbone_lr"])], False, parent
         else:
-            grid, sweep = [DEFAULT_LRS[method]], False
+            grid, sweep = [default_lrs(params, method)], False
         results["methods"][method] = run_finetuned(
-            method, grid, sweep, seeds, pretrained, bundle, args, probe_head, inherited_from=inherited
+            method, grid, sweep, seeds, pretrained, bundle, params, probe_head, inherited_from=inherited
         )
         checkpoint()
     # Report in the canonical method order.

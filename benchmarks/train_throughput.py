@@ -7,7 +7,7 @@ Three variants, each timed over ``--steps`` steps after ``--warmup`` steps, on t
 
 - ``plain``: fp32, a torch DataLoader over in-memory PIL images with torchvision transforms
   (RandomResizedCrop + flip + ToTensor + Normalize) in ``--num-workers`` workers.
-- ``ours``: the real loop body, `daft_core.finetune.run_train_steps`: uint8 batches from
+- ``ours``: the real loop body, `daft_core.training.run_train_steps`: uint8 batches from
   `daft_core.data.iterate_batches` (pinned, copied to the device as uint8), `augment_batch` on the device,
   bf16 autocast + channels-last on CUDA, optional torch.compile.
 - ``model_only``: `train_step` on one pre-made device tensor: the ceiling for any input pipeline.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daft_core.augment import AugmentConfig
-from daft_core.finetune import FinetuneConfig, StepContext, make_step_context, run_train_steps, train_step
+from daft_core.training import FinetuneConfig, StepContext, make_step_context, run_train_steps, train_step
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_CLASSES = 100

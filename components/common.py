@@ -7,14 +7,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from components import storage
 from components.params import (
     DEFAULT_PARAMS,
     Params,
@@ -24,22 +23,12 @@ from components.params import (
     params_from_dict,
     parse_overrides,
 )
+from daft_core.atomic import atomic_file
 
 log = logging.getLogger("components")
+storage.install()  # every step reads s3:// checkpoints through the core's URI hook
 
 MODEL_FILE = "model.pt"
-# Registered-model alias per stage/method (MLflow aliases may not contain underscores by convention here).
-STAGE_ALIASES = {
-    "pretrained": "pretrained",
-    "bn_converted": "bn-converted",
-    "linear_probe": "linear-probe",
-    "lp": "linear-probe",
-    "ft": "ft",
-    "lp_ft": "lp-ft",
-    "daft": "daft",
-    "daft_bn_only": "daft-bn-only",
-    "daft_fast_head_only": "daft-fast-head-only",
-}
 
 
 class StepError(RuntimeError):
@@ -82,9 +71,7 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
     def main(argv: Sequence[str] | None = None) -> int:
         configure_logging()
         from components.tracking import TrackingError
-        from daft_core.bn_conversion import BNConversionError
-        from daft_core.data.format import DatasetFormatError
-        from daft_core.models import CheckpointError
+        from daft_core.errors import BNConversionError, CheckpointError, DatasetFormatError, DeviceError
 
         try:
             run_main(argv)
@@ -95,6 +82,8 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
             CheckpointError,
             BNConversionError,
             TrackingError,
+            DeviceError,
+            storage.StorageError,
         ) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -106,43 +95,12 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
     return main
 
 
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success it replaces `final` in one rename, else it is removed.
-
-    Readers never see a half-written output, and an old output survives a failed rerun.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-
-
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Atomic JSON write (temp file + rename), sorted keys so outputs are stable for DVC."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomic JSON write, sorted keys so outputs are stable for DVC."""
+    with atomic_file(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+    return Path(path)
 
 
 def _json_default(o: Any) -> Any:
@@ -183,14 +141,11 @@ def load_data(data_dir: str | os.PathLike[str], tracker: Any = None, context: st
     return bundle
 
 
-def resolve_device(name: str) -> str:
-    import torch
+def resolve_device(name: str) -> Any:  # -> torch.device
+    """params' device setting ("auto", "cpu", "cuda") as a torch.device (daft_core.devices)."""
+    from daft_core.devices import resolve_device as core_resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StepError("device 'cuda' requested but no CUDA device is available; set device: auto or cpu")
-    return name
+    return core_resolve(name)
 
 
 @contextlib.contextmanager
@@ -210,10 +165,6 @@ def tracked(params: Params, step: str, logged: dict[str, Any], method: str | Non
         yield tracker
 
 
-def input_example(bundle: Any, n: int = 2):
-    return bundle.val.images[:n].clone()
-
-
 class Timer:
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -221,12 +172,3 @@ class Timer:
     @property
     def seconds(self) -> float:
         return round(time.perf_counter() - self.start, 3)
-
-
-def source_version(params: Params, stage: str) -> str | None:
-    """The registered version the input model was logged as (lineage), looked up by its stage alias."""
-    if not params.pipeline.tracking:
-        return None
-    from components import tracking
-
-    return tracking.version_for_alias(params.pipeline.registered_model, STAGE_ALIASES[stage])

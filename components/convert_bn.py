@@ -8,22 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from components.common import (
-    MODEL_FILE,
-    STAGE_ALIASES,
     Timer,
-    atomic_dir,
     base_parser,
     cli,
-    input_example,
     load_data,
     model_file,
     params_from_args,
     resolve_device,
-    source_version,
     tracked,
-    write_json,
 )
 from components.params import Params
+from components.publish import publish_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +26,7 @@ log = logging.getLogger(__name__)
 def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     from daft_core.bn_conversion import convert_batchnorm
     from daft_core.data import iterate_batches
-    from daft_core.models import load_model, save_model
+    from daft_core.models import load_model
 
     timer = Timer()
     c = params.convert_bn
@@ -51,22 +46,23 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             "scale_min": min((layer["scale_min"] for layer in converted), default=None),
             "scale_max": max((layer["scale_max"] for layer in converted), default=None),
         }
-        with atomic_dir(out_dir) as tmp:
-            save_model(model, tmp / MODEL_FILE, extra={"stage": "bn_converted", "bn_converted": True})
-            write_json(tmp / "bn_report.json", report)
         tracker.log_metrics(summary)
         tracker.log_dict(report, "bn_report.json")
-        tracker.log_model(
+        version = publish_model(
+            tracker,
+            params,
+            out_dir,
             model,
-            registered_model=params.pipeline.registered_model,
             stage="bn_converted",
             method="daft",
-            alias=STAGE_ALIASES["bn_converted"],
-            input_example=input_example(bundle),
-            source_version=source_version(params, "pretrained"),
+            alias_of="bn_converted",
+            bundle=bundle,
+            extra={"stage": "bn_converted", "bn_converted": True},
+            reports={"bn_report.json": report},
+            source="pretrained",
         )
         log.info("converted %d BN layers (%s stats) in %.1fs", len(converted), c.stats, timer.seconds)
-        return {**summary, "seconds": timer.seconds}
+        return {**summary, "seconds": timer.seconds, "registered_version": version}
 
 
 def _main(argv: Sequence[str] | None) -> None:

@@ -6,70 +6,52 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.common import (
-    MODEL_FILE,
-    STAGE_ALIASES,
     StepError,
     Timer,
-    atomic_dir,
     base_parser,
     cli,
-    input_example,
     load_data,
     model_file,
     params_from_args,
-    source_version,
     tracked,
     write_json,
 )
 from components.params import Params
+from components.publish import publish_model
+
+if TYPE_CHECKING:
+    from daft_core.training import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
 
-def recipe_for(params: Params, method: str):  # -> Recipe
-    from daft_core.recipes import get_recipe
-
-    if method not in params.finetune.methods:
-        raise StepError(
-            f"method {method!r} is not configured under finetune.methods in params "
-            f"(configured: {sorted(params.finetune.methods)})"
-        )
-    m = params.finetune.methods[method]
-    overrides: dict[str, float] = {}
-    if m.lr is not None:
-        overrides = {"head_lr": m.lr, "backbone_lr": m.lr}
-    if m.head_lr is not None:
-        overrides["head_lr"] = m.head_lr
-    if m.backbone_lr is not None:
-        overrides["backbone_lr"] = m.backbone_lr
-    return get_recipe(method, **overrides)
-
-
-def config_for(params: Params, method: str):  # -> FinetuneConfig
+def finetune_config(params: Params, method: str, **overrides: Any) -> FinetuneConfig:
+    """The loop's settings for `method` from params (its own `epochs`, if configured, wins), then
+    `overrides`: the one translation of params' finetune section (this step, Kubeflow, the benchmark)."""
     from daft_core.augment import AugmentConfig
-    from daft_core.finetune import FinetuneConfig
+    from daft_core.training import FinetuneConfig
 
-    f = params.finetune
-    m = f.methods[method]
-    return FinetuneConfig(
-        epochs=m.epochs if m.epochs is not None else f.epochs,
-        batch_size=f.batch_size,
-        momentum=f.momentum,
-        weight_decay=f.weight_decay,
-        augment=AugmentConfig(
+    f, m = params.finetune, params.finetune.methods.get(method)
+    settings: dict[str, Any] = {
+        "epochs": m.epochs if m is not None and m.epochs is not None else f.epochs,
+        "batch_size": f.batch_size,
+        "momentum": f.momentum,
+        "weight_decay": f.weight_decay,
+        "augment": AugmentConfig(
             hflip=f.augment.hflip,
             random_resized_crop=f.augment.random_resized_crop,
             scale=tuple(f.augment.scale),
         ),
-        seed=f.seed,
-        device=f.device,
-        compile=f.compile,
-        channels_last=f.channels_last,
-        eval_batch_size=params.evaluate.batch_size,
-    )
+        "seed": f.seed,
+        "device": f.device,
+        "compile": f.compile,
+        "channels_last": f.channels_last,
+        "eval_batch_size": params.evaluate.batch_size,
+    }
+    return FinetuneConfig(**{**settings, **overrides})
 
 
 def run(
@@ -80,13 +62,13 @@ def run(
     out_dir: str | Path,
     curves_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    from daft_core.finetune import CheckpointMismatchError, finetune
-    from daft_core.models import load_model, save_model
+    from daft_core.models import load_model
+    from daft_core.training import CheckpointMismatchError, finetune
 
     timer = Timer()
-    recipe = recipe_for(params, method)
-    config = config_for(params, method)
-    start = params.finetune.methods[method].start
+    recipe = params.recipe(method)
+    config = finetune_config(params, method)
+    start = params.method(method).start
     logged = {"method": method, "recipe": recipe.to_dict(), "config": config.to_dict(), "start": start}
     with tracked(params, "finetune", logged, method=method) as tracker:
         bundle = load_data(data_dir, tracker, "training")
@@ -134,36 +116,29 @@ def run(
             "epochs": config.epochs,
             "seconds": timer.seconds,
         }
-        with atomic_dir(out_dir) as tmp:
-            save_model(
-                result.model,
-                tmp / MODEL_FILE,
-                extra={
-                    "stage": "finetune",
-                    "method": method,
-                    "bn_converted": recipe.convert_bn or bn_converted,
-                },
-            )
-            write_json(tmp / "history.json", result.history)
-            write_json(tmp / "summary.json", summary)
-            if result.conversion_report is not None:
-                write_json(tmp / "bn_report.json", result.conversion_report)
-            if (resume_dir / "last.pt").is_file():
-                shutil.move(resume_dir / "last.pt", tmp / "last.pt")
-        shutil.rmtree(resume_dir, ignore_errors=True)
         if curves_out is not None:
             write_json(curves_out, result.history)
         tracker.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy})
         tracker.log_dict(result.history, "history.json")
-        summary["registered_version"] = tracker.log_model(
+        reports = {"history.json": result.history, "summary.json": summary}
+        if result.conversion_report is not None:
+            reports["bn_report.json"] = result.conversion_report
+        summary["registered_version"] = publish_model(
+            tracker,
+            params,
+            out_dir,
             result.model,
-            registered_model=params.pipeline.registered_model,
             stage="finetune",
             method=method,
-            alias=STAGE_ALIASES[method],
-            input_example=input_example(bundle),
-            source_version=source_version(params, start),
+            alias_of=method,
+            bundle=bundle,
+            extra={"stage": "finetune", "method": method, "bn_converted": recipe.convert_bn or bn_converted},
+            reports=reports,
+            files={"last.pt": resume_dir / "last.pt"},
+            source=start,
         )
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        summary.update(head_lr=recipe.head_lr, backbone_lr=recipe.backbone_lr)
         log.info(
             "%s: best ID val %.4f at epoch %d (%.1fs)",
             method,

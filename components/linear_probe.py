@@ -8,22 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from components.common import (
-    MODEL_FILE,
-    STAGE_ALIASES,
     Timer,
-    atomic_dir,
     base_parser,
     cli,
-    input_example,
     load_data,
     model_file,
     params_from_args,
     resolve_device,
-    source_version,
     tracked,
-    write_json,
 )
 from components.params import Params
+from components.publish import publish_model
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +28,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
     import torch
 
     from daft_core.data import iterate_batches
-    from daft_core.models import load_model, save_model
+    from daft_core.models import load_model
     from daft_core.probe import extract_features, fit_linear_probe
 
     timer = Timer()
@@ -62,10 +57,6 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
         with torch.no_grad():
             source.head.weight.copy_(result.head.weight)
             source.head.bias.copy_(result.head.bias)
-        sweep = result.to_dict()
-        with atomic_dir(out_dir) as tmp:
-            save_model(source, tmp / MODEL_FILE, extra={"stage": "linear_probe", "bn_converted": False})
-            write_json(tmp / "probe.json", sweep)
         for i, row in enumerate(result.sweep):
             tracker.log_metrics({"sweep.val_accuracy": row["val_accuracy"], "sweep.C": row["C"]}, step=i)
         tracker.log_metrics(
@@ -75,14 +66,18 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
                 "train_accuracy": result.train_accuracy,
             }
         )
-        tracker.log_model(
+        version = publish_model(
+            tracker,
+            params,
+            out_dir,
             source,
-            registered_model=params.pipeline.registered_model,
             stage="linear_probe",
             method="lp",
-            alias=STAGE_ALIASES["linear_probe"],
-            input_example=input_example(bundle),
-            source_version=source_version(params, "pretrained"),
+            alias_of="linear_probe",
+            bundle=bundle,
+            extra={"stage": "linear_probe", "bn_converted": False},
+            reports={"probe.json": result.to_dict()},
+            source="pretrained",
         )
         log.info(
             "probe: best C %.3g, ID val %.4f (sweep of %d in %.1fs)",
@@ -91,7 +86,12 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             len(result.sweep),
             result.seconds,
         )
-        return {"best_C": result.best_C, "val_accuracy": result.val_accuracy, "seconds": timer.seconds}
+        return {
+            "best_C": result.best_C,
+            "val_accuracy": result.val_accuracy,
+            "seconds": timer.seconds,
+            "registered_version": version,
+        }
 
 
 def _main(argv: Sequence[str] | None) -> None:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from daft_core.methods import FINETUNED_METHODS, get_recipe
+
+if TYPE_CHECKING:
+    from daft_core.recipes import Recipe
+
 DEFAULT_PARAMS = Path("params.yaml")
-FINETUNE_METHODS = ("ft", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
-STARTS = ("pretrained", "bn_converted", "linear_probe")
+FINETUNE_METHODS = FINETUNED_METHODS  # the catalogue's fine-tuned methods (daft_core.methods)
 
 
 class ParamsError(ValueError):
@@ -110,6 +114,28 @@ class MethodParams(_Strict):
     backbone_lr: float | None = Field(None, ge=0)
     epochs: int | None = Field(None, ge=0, le=10_000)
 
+    def with_lrs(
+        self, lr: float | None = None, head_lr: float | None = None, backbone_lr: float | None = None
+    ) -> MethodParams:
+        """This entry with learning rates layered on top, by the same rule as the entry's own fields:
+        `lr` sets both groups, then `head_lr` / `backbone_lr` each set one."""
+        current = resolve_lrs(None, None, self.lr, self.head_lr, self.backbone_lr)
+        h, b = resolve_lrs(*current, lr, head_lr, backbone_lr)
+        return self.model_copy(update={"lr": None, "head_lr": h, "backbone_lr": b})
+
+
+def resolve_lrs(
+    head: float | None,
+    backbone: float | None,
+    lr: float | None = None,
+    head_lr: float | None = None,
+    backbone_lr: float | None = None,
+) -> tuple[float | None, float | None]:
+    """The one learning-rate rule: `lr` sets both groups, `head_lr` / `backbone_lr` override one group."""
+    if lr is not None:
+        head, backbone = lr, lr
+    return (head_lr if head_lr is not None else head, backbone_lr if backbone_lr is not None else backbone)
+
 
 class FinetuneParams(_Strict):
     epochs: int = Field(6, ge=0, le=10_000)
@@ -152,6 +178,41 @@ class Params(_Strict):
     linear_probe: ProbeParams = ProbeParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    # The one translation from validated params to core objects (DVC step, Kubeflow, benchmark).
+    def method(self, name: str) -> MethodParams:
+        """The configured entry of `name`; ParamsError (naming the configured ones) when it is not there."""
+        if name not in self.finetune.methods:
+            raise ParamsError(
+                f"method {name!r} is not configured under finetune.methods in params "
+                f"(configured: {sorted(self.finetune.methods)})"
+            )
+        return self.finetune.methods[name]
+
+    def recipe(self, name: str) -> Recipe:
+        """The catalogue recipe of `name` with the learning rates params set for it."""
+        m = self.method(name)
+        head, backbone = resolve_lrs(None, None, m.lr, m.head_lr, m.backbone_lr)
+        overrides = {k: v for k, v in (("head_lr", head), ("backbone_lr", backbone)) if v is not None}
+        try:
+            return get_recipe(name, **overrides)
+        except ValueError as e:
+            raise ParamsError(f"finetune.methods.{name}: {e}") from None
+
+    def with_method_lrs(
+        self,
+        name: str,
+        lr: float | None = None,
+        head_lr: float | None = None,
+        backbone_lr: float | None = None,
+    ) -> Params:
+        """These params with `name`'s learning rates replaced (a pipeline parameter or a sweep point)."""
+        if lr is None and head_lr is None and backbone_lr is None:
+            return self
+        entry = self.method(name).with_lrs(lr, head_lr, backbone_lr)
+        raw = self.model_dump(mode="json")
+        raw["finetune"]["methods"][name] = entry.model_dump(mode="json")
+        return params_from_dict(raw, f"finetune.methods.{name} (learning rates)")
 
 
 def _format_error(err: ValidationError, source: str) -> str:

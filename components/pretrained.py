@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from components.common import (
-    MODEL_FILE,
-    STAGE_ALIASES,
+    StepError,
     Timer,
-    atomic_dir,
     base_parser,
     cli,
-    input_example,
     load_data,
     params_from_args,
     tracked,
-    write_json,
 )
 from components.params import Params
+from components.publish import publish_model
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +25,7 @@ log = logging.getLogger(__name__)
 def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     import torch
 
-    from daft_core.models import build_model, count_batchnorm, save_model
+    from daft_core.models import build_model, count_batchnorm
 
     timer = Timer()
     m = params.model
@@ -40,8 +37,6 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, 
         )
         n_bn = count_batchnorm(model)
         if n_bn == 0:
-            from components.common import StepError
-
             raise StepError(f"model {m.name!r} has no BatchNorm layer; DAFT needs a BN network")
         info = {
             "name": m.name,
@@ -52,17 +47,18 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, 
             "batchnorm_layers": n_bn,
             "parameters": sum(p.numel() for p in model.parameters()),
         }
-        with atomic_dir(out_dir) as tmp:
-            save_model(model, tmp / MODEL_FILE, extra={"stage": "pretrained", "bn_converted": False})
-            write_json(tmp / "info.json", info)
         tracker.log_metrics({"batchnorm_layers": n_bn, "parameters": info["parameters"]})
-        tracker.log_model(
+        info["registered_version"] = publish_model(
+            tracker,
+            params,
+            out_dir,
             model,
-            registered_model=params.pipeline.registered_model,
             stage="pretrained",
             method="pretrained",
-            alias=STAGE_ALIASES["pretrained"],
-            input_example=input_example(bundle),
+            alias_of="pretrained",
+            bundle=bundle,
+            extra={"stage": "pretrained", "bn_converted": False},
+            reports={"info.json": info},
         )
         log.info("pretrained %s: %d BN layers, wrote %s in %.1fs", m.name, n_bn, out_dir, timer.seconds)
         return info

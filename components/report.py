@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from components.common import (
-    STAGE_ALIASES,
     StepError,
     Timer,
-    atomic_dir,
     base_parser,
     cli,
     params_from_args,
@@ -20,23 +18,24 @@ from components.common import (
     write_json,
 )
 from components.params import Params
+from daft_core.atomic import atomic_dir
+from daft_core.methods import alias_for, display_order
+from daft_core.selection import select_best
 
 log = logging.getLogger(__name__)
-METHOD_ORDER = ("lp", "ft", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only")
 
 
 def collect(metrics_dir: str | Path) -> list[dict[str, Any]]:
     files = sorted(p for p in Path(metrics_dir).glob("*.json") if not p.name.endswith(".details.json"))
     if not files:
         raise StepError(f"no per-method metrics in {metrics_dir}; run the evaluate stages first")
-    rows = [read_json(p) for p in files]
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return sorted(rows, key=lambda r: (order.get(r["method"], len(order)), r["method"]))
+    rows = {r["method"]: r for r in (read_json(p) for p in files)}
+    return [rows[m] for m in display_order(rows)]
 
 
 def champion(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Best by ID val only (the ID test set is never used for selection); ties go to the earlier method."""
-    return max(rows, key=lambda r: r["id_val_accuracy"])
+    return select_best(rows)
 
 
 def markdown_table(rows: list[dict[str, Any]], best: str) -> str:
@@ -149,7 +148,7 @@ def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[st
             from components import tracking
 
             name = params.pipeline.registered_model
-            version = tracking.version_for_alias(name, STAGE_ALIASES[best["method"]])
+            version = tracking.version_for_alias(name, alias_for(best["method"]))
             if version is not None:
                 tracking.set_alias(name, "champion", version)
                 summary["champion_version"] = version

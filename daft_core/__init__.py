@@ -2,78 +2,83 @@
 
 A pure library: torch, torchvision, timm and numpy only. It never imports MLflow, Kubeflow or DVC, so it
 can be used (and tested) on its own.
+
+The names below load their module on first use (PEP 562): importing one submodule (say
+``daft_core.methods``) does not import the rest, which keeps each pipeline step's start-up and its
+dependency set (dvc.yaml) to what it really uses.
 """
 
-from daft_core.augment import AugmentConfig, augment_batch, to_float_resized
-from daft_core.bn_conversion import BNConversionError, BNConversionReport, batchnorm_layers, convert_batchnorm
-from daft_core.data import (
-    DatasetBundle,
-    DatasetFormatError,
-    ImageSet,
-    available_presets,
-    bundle_digest,
-    iterate_batches,
-    load_bundle,
-    load_preset,
-    save_bundle,
-)
-from daft_core.evaluate import evaluate, expected_calibration_error, parameter_distance
-from daft_core.finetune import (
-    CheckpointMismatchError,
-    FinetuneConfig,
-    FinetuneResult,
-    NonFiniteLossError,
-    finetune,
-)
-from daft_core.models import (
-    MODEL_REGISTRY,
-    CheckpointError,
-    DaftModel,
-    build_model,
-    load_model,
-    load_state_dict_file,
-    save_model,
-)
-from daft_core.probe import LOGSPACE_CS, ProbeResult, extract_features, fit_linear_probe
-from daft_core.recipes import RECIPES, Recipe, get_recipe
+from __future__ import annotations
 
-__all__ = [
-    "LOGSPACE_CS",
-    "MODEL_REGISTRY",
-    "RECIPES",
-    "AugmentConfig",
-    "BNConversionError",
-    "BNConversionReport",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "DaftModel",
-    "DatasetBundle",
-    "DatasetFormatError",
-    "FinetuneConfig",
-    "FinetuneResult",
-    "ImageSet",
-    "NonFiniteLossError",
-    "ProbeResult",
-    "Recipe",
-    "augment_batch",
-    "available_presets",
-    "batchnorm_layers",
-    "build_model",
-    "bundle_digest",
-    "convert_batchnorm",
-    "evaluate",
-    "expected_calibration_error",
-    "extract_features",
-    "finetune",
-    "fit_linear_probe",
-    "get_recipe",
-    "iterate_batches",
-    "load_bundle",
-    "load_model",
-    "load_preset",
-    "load_state_dict_file",
-    "parameter_distance",
-    "save_bundle",
-    "save_model",
-    "to_float_resized",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "daft_core.augment": ("AugmentConfig", "augment_batch", "to_float_resized"),
+    "daft_core.bn_conversion": (
+        "BNConversionError",
+        "BNConversionReport",
+        "batchnorm_layers",
+        "convert_batchnorm",
+    ),
+    "daft_core.data": (
+        "DatasetBundle",
+        "DatasetFormatError",
+        "ImageSet",
+        "available_presets",
+        "bundle_digest",
+        "iterate_batches",
+        "load_bundle",
+        "load_preset",
+        "save_bundle",
+    ),
+    "daft_core.evaluate": ("evaluate", "expected_calibration_error", "parameter_distance"),
+    "daft_core.training": (
+        "CheckpointMismatchError",
+        "FinetuneConfig",
+        "FinetuneResult",
+        "NonFiniteLossError",
+        "finetune",
+    ),
+    "daft_core.methods": ("METHODS", "RECIPES", "Method", "get_method", "get_recipe"),
+    "daft_core.models": (
+        "MODEL_REGISTRY",
+        "CheckpointError",
+        "DaftModel",
+        "build_model",
+        "load_model",
+        "load_state_dict_file",
+        "save_model",
+    ),
+    "daft_core.probe": ("LOGSPACE_CS", "ProbeResult", "ProbeSolver", "extract_features", "fit_linear_probe"),
+    "daft_core.recipes": ("Recipe",),
+    "daft_core.selection": ("select_best",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'daft_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from daft_core.augment import AugmentConfig, augment_batch, to_float_resized  # noqa: F401
+    from daft_core.bn_conversion import (  # noqa: F401
+        BNConversionError,
+        BNConversionReport,
+        batchnorm_layers,
+        convert_batchnorm,
+    )
+    from daft_core.methods import METHODS, RECIPES, get_recipe  # noqa: F401
+    from daft_core.models import DaftModel, build_model, load_model, save_model  # noqa: F401
+    from daft_core.training import FinetuneConfig, finetune  # noqa: F401

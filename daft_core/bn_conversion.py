@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from daft_core.devices import module_device
+from daft_core.errors import BNConversionError
 
 __all__ = [
     "AFFINE_FALSE_CHOICES",
@@ -34,10 +35,6 @@ AFFINE_FALSE_CHOICES = ("skip", "make_affine")
 SKIP_NOT_TRACKING = "track_running_stats=False"
 SKIP_NOT_AFFINE = "affine=False"
 SKIP_NOT_CALLED = "not called during the forward pass"
-
-
-class BNConversionError(ValueError):
-    """Raised when conversion cannot proceed; the model is left untouched."""
 
 
 @dataclass

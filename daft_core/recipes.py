@@ -1,5 +1,7 @@
 """Fine-tuning methods as data: every method is a `Recipe` run by the one loop in `finetune.py`.
 
+The recipes themselves (with their defaults) live in the method catalogue, `daft_core.methods`.
+
 Keeping methods as plain, validated records (not subclasses) means the loop has a single code path and a
 method's behaviour is fully described by the fields logged next to its results.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Literal
 
 HeadInit = Literal["random", "zero", "probe"]
@@ -72,31 +73,3 @@ def _validate(recipe: Recipe) -> None:
             f"Recipe {recipe.name!r}: backbone is frozen (train_backbone=False) but backbone_lr="
             f"{recipe.backbone_lr}; set backbone_lr=0 or train_backbone=True"
         )
-
-
-# Defaults follow the paper's setup: FT/LP-FT use one lr for all parameters (LP-FT's smaller, since its head
-# already fits); DAFT uses a much larger head lr (grid 0.1-10) than backbone lr (grid 1e-6-1e-4) so the
-# zero-initialised head learns quickly while features barely move.
-RECIPES: MappingProxyType[str, Recipe] = MappingProxyType(
-    {
-        "ft": Recipe("ft", False, "random", True, "train", head_lr=1e-2, backbone_lr=1e-2),
-        "lp": Recipe("lp", False, "random", False, "eval", head_lr=1e-2, backbone_lr=0.0),
-        "lp_ft": Recipe("lp_ft", False, "probe", True, "eval", head_lr=1e-3, backbone_lr=1e-3),
-        "daft": Recipe("daft", True, "zero", True, "train", head_lr=1e-1, backbone_lr=1e-4),
-        "daft_bn_only": Recipe("daft_bn_only", True, "random", True, "train", head_lr=1e-2, backbone_lr=1e-2),
-        "daft_fast_head_only": Recipe(
-            "daft_fast_head_only", False, "zero", True, "train", head_lr=1e-1, backbone_lr=1e-4
-        ),
-    }
-)
-
-
-def get_recipe(name: str, **overrides: Any) -> Recipe:
-    """The named recipe with ``overrides`` applied; unknown names/fields or bad values raise ValueError."""
-    if name not in RECIPES:
-        raise ValueError(f"Unknown recipe {name!r}; valid names: {', '.join(sorted(RECIPES))}")
-    fields = {f.name for f in dataclasses.fields(Recipe)} - {"name"}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"Unknown Recipe override(s) {unknown}; valid fields: {sorted(fields)}")
-    return dataclasses.replace(RECIPES[name], **overrides)

@@ -158,36 +158,33 @@ def finetune(
     metrics: Output[Metrics],
     params_json: str = "",
     params_file: Optional[Input[Artifact]] = None,  # noqa: UP045
+    learning_rates: Optional[dict] = None,  # noqa: UP045
     lr: Optional[float] = None,  # noqa: UP045
     head_lr: Optional[float] = None,  # noqa: UP045
     backbone_lr: Optional[float] = None,  # noqa: UP045
 ) -> str:
     """components.finetune for one method (a branch, or one sweep point when lrs are given).
 
-    Returns a JSON string: method, the learning rates used, the registered model version ("" when tracking
-    is off) and the best ID val accuracy; the evaluate step carries it to the sweep's selection.
+    `learning_rates` (method -> {lr | head_lr | backbone_lr}) or the sweep point's `lr` / `head_lr` /
+    `backbone_lr` set the method's learning rates, by params' own rule. Returns a JSON string: method, the
+    learning rates used, the registered model version ("" when tracking is off) and the best ID val
+    accuracy; the evaluate step carries it to the sweep's selection.
     """
     import json
 
     from components import finetune as step
-    from pipelines.components import (
-        annotate_model,
-        log_metrics,
-        registered_version,
-        step_setup,
-        with_method_lrs,
-    )
+    from pipelines.components import annotate_model, log_metrics, method_lrs, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
-    params = with_method_lrs(params, method, lr, head_lr, backbone_lr)
+    lrs = method_lrs(method, learning_rates, lr=lr, head_lr=head_lr, backbone_lr=backbone_lr)
+    params = params.with_method_lrs(method, **lrs)
     summary = step.run(params, method, start.path, dataset.path, model.path)
-    version = summary.get("registered_version") or registered_version(params, method)
-    recipe = step.recipe_for(params, method)
+    version = summary.get("registered_version") or ""
     info = {
         "method": method,
-        "head_lr": recipe.head_lr,
-        "backbone_lr": recipe.backbone_lr,
-        "version": version or "",
+        "head_lr": summary["head_lr"],
+        "backbone_lr": summary["backbone_lr"],
+        "version": version,
         "best_val_accuracy": summary["best_val_accuracy"],
     }
     annotate_model(model, params, "finetune", method=method, version=version, extra=info)
@@ -249,9 +246,9 @@ def report(
     from pipelines.components import assemble_report, log_metrics, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
-    given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}
-    given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})
-    groups = {m: [a.path] for m, a in given.items() if a is not None}
+    given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per catalogue method:
+    given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})  # KFP needs
+    groups = {m: [a.path] for m, a in given.items() if a is not None}  # them named (tests check the list)
     summary = assemble_report(params, groups, report.path)
     report.metadata["champion"] = summary["champion"]
     log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
@@ -279,7 +276,7 @@ def select_best(
     from pipelines.components import assemble_report, log_metrics, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
-    given = {"ft": ft, "lp_ft": lp_ft, "daft": daft}
+    given = {"ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per fine-tuned catalogue method
     given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})
     groups = {"lp": [lp.path], **{m: [a.path for a in arts] for m, arts in given.items() if arts}}
     summary = assemble_report(params, groups, report.path)
@@ -356,54 +353,23 @@ def as_mapping(value: Any) -> dict[str, Any]:
     return json.loads(value or "{}")
 
 
-def with_method_lrs(
-    params: "Params", method: str, lr: float | None, head_lr: float | None, backbone_lr: float | None
-) -> "Params":
-    """`params` with the method's learning rates replaced (a pipeline parameter or a sweep point).
+def method_lrs(
+    method: str, learning_rates: Mapping[str, Any] | None, **point: float | None
+) -> dict[str, Any]:
+    """`method`'s learning rates from the `learning_rates` parameter, then a sweep point's on top."""
+    from components.params import ParamsError
 
-    ``lr`` sets both groups (and clears per-group values); ``head_lr``/``backbone_lr`` set one group.
-    """
-    from components.common import StepError
-    from components.params import params_from_dict
-
-    if lr is None and head_lr is None and backbone_lr is None:
-        return params
-    raw = params.model_dump(mode="json")
-    methods = raw["finetune"]["methods"]
-    if method not in methods:
-        raise StepError(f"method {method!r} is not under finetune.methods (configured: {sorted(methods)})")
-    entry = methods[method]
-    if lr is not None:
-        entry.update(lr=lr, head_lr=None, backbone_lr=None)
-    if head_lr is not None:
-        entry["head_lr"] = head_lr
-    if backbone_lr is not None:
-        entry["backbone_lr"] = backbone_lr
-    return params_from_dict(raw, f"finetune.methods.{method} (pipeline learning rates)")
-
-
-def registered_version(params: "Params", method: str) -> str:
-    """The model version the finetune step just registered ("" when tracking is off).
-
-    components.finetune.run does not return it; the step's MLflow run carries it as the tag
-    ``daft.model_version.finetune`` (race-free, unlike reading the method's alias, which concurrent sweep
-    points move). Falls back to the alias.
-    """
-    if not params.pipeline.tracking:
-        return ""
-    import mlflow
-
-    from components import tracking
-    from components.common import STAGE_ALIASES
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    run = mlflow.last_active_run()
-    if run is not None and run.data.tags.get("daft.method") == method:
-        version = run.data.tags.get("daft.model_version.finetune")
-        if version:
-            return str(version)
-    log.warning("no model version tag on the finetune run; using the %s alias", STAGE_ALIASES[method])
-    return tracking.version_for_alias(params.pipeline.registered_model, STAGE_ALIASES[method]) or ""
+    entry = dict((learning_rates or {}).get(method) or {})
+    unknown = sorted(set(entry) - {"lr", "head_lr", "backbone_lr"})
+    if unknown:
+        raise ParamsError(f"learning_rates.{method}: unknown key(s) {unknown}; use lr, head_lr, backbone_lr")
+    if any(v is not None for v in point.values()):
+        entry = {
+            "lr": point.get("lr"),
+            "head_lr": point.get("head_lr"),
+            "backbone_lr": point.get("backbone_lr"),
+        }
+    return entry
 
 
 def annotate_model(
@@ -451,7 +417,9 @@ def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: 
     """
     from components import report as report_step
     from components import tracking
-    from components.common import STAGE_ALIASES, read_json, write_json
+    from components.common import read_json, write_json
+    from daft_core.methods import alias_for
+    from daft_core.selection import select_best
 
     out = Path(out_dir)
     methods_dir = out / "metrics" / "methods"
@@ -473,8 +441,8 @@ def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: 
             }
             sweep.append(entry)
             candidates.append((entry, Path(d)))
-        # Best by ID val only; ties go to the earlier configuration (max keeps the first maximum).
-        best, best_dir = max(candidates, key=lambda c: c[0]["id_val_accuracy"])
+        best = select_best([entry for entry, _ in candidates])
+        best_dir = next(d for entry, d in candidates if entry is best)
         selected[method] = best
         shutil.copy2(best_dir / f"{method}.json", methods_dir / f"{method}.json")
         details = best_dir / f"{method}.details.json"
@@ -482,7 +450,7 @@ def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: 
             shutil.copy2(details, methods_dir / details.name)
         version = best.get("version")
         if params.pipeline.tracking and version and len(candidates) > 1:
-            tracking.set_alias(params.pipeline.registered_model, STAGE_ALIASES[method], version)
+            tracking.set_alias(params.pipeline.registered_model, alias_for(method), version)
             log.info("sweep: %s selected %s (version %s)", method, best, version)
     write_json(out / "metrics" / "sweep.json", sweep)
     summary = report_step.run(params, methods_dir, out / "reports")

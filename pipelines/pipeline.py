@@ -14,9 +14,10 @@ x backbone lr for DAFT, one lr for FT / LP-FT), each point fine-tuned and evalua
 ``dsl.Collected`` into ``select_best``, which picks the best ID val per method and overall (``champion``).
 
 Pipeline parameters default to params.yaml: ``params_json`` (the whole tree) plus the usual knobs
-(``epochs``, ``seed``, the methods' learning rates or sweep lists, the MLflow experiment / registered model /
-tracking switch and ``tracking_uri``). The signature is built from the params file, so a method that is not
-configured has no parameters.
+(``epochs``, ``seed``, ``learning_rates`` — method -> {lr | head_lr | backbone_lr}, the MLflow experiment /
+registered model / tracking switch and ``tracking_uri``). The sweep pipeline adds one list parameter per
+configured method (``<method>_lrs`` or ``<method>_grid``); its default grid comes from the method catalogue
+(``daft_core.methods``).
 
 Platform settings come from :class:`PipelineOptions`: per-step CPU / memory requests and limits, a GPU for
 the steps in ``gpu_steps`` (fine-tuning and feature extraction), retries with exponential back-off, caching
@@ -24,16 +25,16 @@ the steps in ``gpu_steps`` (fine-tuning and feature extraction), retries with ex
 what only a cluster can honour (resources, accelerators, secrets, node selectors); see docs/kubeflow.md.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: KFP reads the pipeline functions' annotations as objects.
 import inspect
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kfp import dsl, kubernetes
 
+from daft_core.methods import FINETUNED_METHODS, METHODS
 from pipelines import DEFAULT_IMAGE
 from pipelines.components import make_components
 
@@ -70,14 +71,24 @@ DEFAULT_SECRETS: dict[str, dict[str, str]] = {
         "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
     },
 }
-# The paper's protocol: one lr for FT / LP-FT; head lr (0.1-10) x backbone lr (1e-6-1e-4) for DAFT.
-DEFAULT_SWEEP: dict[str, Any] = {
-    "ft": [1e-3, 3e-3, 1e-2, 3e-2],
-    "lp_ft": [1e-4, 3e-4, 1e-3, 3e-3],
-    "daft": {"head_lr": [0.1, 1.0, 10.0], "backbone_lr": [1e-6, 1e-5, 1e-4]},
-}
-# How each method is swept: "lr" (one lr for both groups, a list of floats) or "grid" (head x backbone).
-SWEEP_KIND = {"ft": "lr", "lp_ft": "lr", "daft_bn_only": "lr", "daft": "grid", "daft_fast_head_only": "grid"}
+
+
+def default_sweep() -> dict[str, Any]:
+    """Each fine-tuned method's default sweep, from the method catalogue: a list of lrs ("lr" sweeps) or
+    a list of {head_lr, backbone_lr} points ("grid" sweeps). Methods without a grid are not swept."""
+    out: dict[str, Any] = {}
+    for name in FINETUNED_METHODS:
+        m = METHODS[name]
+        if not m.grid:
+            continue
+        if m.sweep == "lr":
+            out[name] = m.lr_list()
+        else:
+            out[name] = [{"head_lr": h, "backbone_lr": b} for h, b in m.grid]
+    return out
+
+
+DEFAULT_SWEEP: dict[str, Any] = default_sweep()
 NO_SECRET_STEPS = ("resolve_params",)  # validates parameters only: no credentials in its pod
 
 
@@ -87,7 +98,7 @@ class PipelineOptions:
 
     image: str = DEFAULT_IMAGE
     sweep: bool = False
-    sweep_grid: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_SWEEP))
+    sweep_grid: Mapping[str, Any] = field(default_factory=default_sweep)
     sweep_parallelism: int = 0  # 0: all points at once
     tracking_uri: str = ""  # default of the `tracking_uri` pipeline parameter
     resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
@@ -158,29 +169,26 @@ def configure_task(task: dsl.PipelineTask, step: str, opts: PipelineOptions) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _param(name: str, annotation: type, default: Any) -> inspect.Parameter:
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    return inspect.Parameter(name, kind, default=default, annotation=annotation)
+def default_learning_rates(params: "Params") -> dict[str, dict[str, float]]:
+    """``learning_rates``' default: each method's lr fields as params.yaml sets them."""
+    return {
+        method: {
+            k: v for k, v in m.model_dump(include={"lr", "head_lr", "backbone_lr"}).items() if v is not None
+        }
+        for method, m in params.finetune.methods.items()
+    }
 
 
-def method_lr_parameters(params: Params) -> dict[str, tuple[str, str]]:
-    """Pipeline parameter -> (method, "lr" | "head_lr" | "backbone_lr") for each value params.yaml sets."""
-    out: dict[str, tuple[str, str]] = {}
-    for method, m in params.finetune.methods.items():
-        for attr in ("lr", "head_lr", "backbone_lr"):
-            if getattr(m, attr) is not None:
-                out[f"{method}_{attr}"] = (method, attr)
-    return out
+def sweep_kind(method: str) -> str:
+    return METHODS[method].sweep
 
 
-def sweep_points(params: Params, method: str, grid: Mapping[str, Any]) -> list[Any]:
-    """The sweep list for `method`: from `grid` (DEFAULT_SWEEP by default), else the configured lrs."""
-    kind = SWEEP_KIND.get(method, "grid")
+def sweep_points(params: "Params", method: str, grid: Mapping[str, Any]) -> list[Any]:
+    """The sweep list for `method`: from `grid` (the catalogue's by default), else the configured lrs."""
+    kind = sweep_kind(method)
     spec = grid.get(method)
     if spec is None:  # not swept: its configured (or recipe default) learning rates, one point
-        from components.finetune import recipe_for
-
-        recipe = recipe_for(params, method)
+        recipe = params.recipe(method)
         if kind == "lr":
             spec = [recipe.head_lr]
         else:
@@ -200,31 +208,7 @@ def sweep_points(params: Params, method: str, grid: Mapping[str, Any]) -> list[A
 
 
 def sweep_parameter_name(method: str) -> str:
-    return f"{method}_lrs" if SWEEP_KIND.get(method, "grid") == "lr" else f"{method}_grid"
-
-
-def pipeline_signature(params: Params, opts: PipelineOptions) -> inspect.Signature:
-    from components.params import params_to_json
-
-    p = params.pipeline
-    items = [
-        _param("params_json", str, params_to_json(params)),
-        _param("tracking_uri", str, opts.tracking_uri),
-        _param("tracking", bool, p.tracking),
-        _param("experiment", str, p.experiment),
-        _param("registered_model", str, p.registered_model),
-        _param("epochs", int, params.finetune.epochs),
-        _param("seed", int, params.finetune.seed),
-    ]
-    if opts.sweep:
-        items += [
-            _param(sweep_parameter_name(m), list, sweep_points(params, m, opts.sweep_grid))
-            for m in params.finetune.methods
-        ]
-    else:
-        for name, (method, attr) in method_lr_parameters(params).items():
-            items.append(_param(name, float, getattr(params.finetune.methods[method], attr)))
-    return inspect.Signature(items, return_annotation=dsl.Artifact)
+    return f"{method}_lrs" if sweep_kind(method) == "lr" else f"{method}_grid"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,114 +216,191 @@ def pipeline_signature(params: Params, opts: PipelineOptions) -> inspect.Signatu
 # --------------------------------------------------------------------------------------------------
 
 
-def build_pipeline(params: Params, opts: PipelineOptions | None = None):  # -> kfp GraphComponent
+def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # -> kfp GraphComponent
     """The pipeline for `params` (its defaults) and `opts` (image, platform settings, sweep)."""
+    from components.params import params_to_json
+
     opts = opts or PipelineOptions()
     if not params.finetune.methods:
         raise ValueError("finetune.methods is empty: the pipeline needs at least one fine-tuning method")
-    c = make_components(opts.image)
-    sig = pipeline_signature(params, opts)
-    names = list(sig.parameters)
-    lr_params = method_lr_parameters(params)
-    methods = dict(params.finetune.methods)
+    dag = _Dag(params, opts)
+    p = params.pipeline
+    lr_defaults = default_learning_rates(params)
 
-    def dag(*args: Any) -> Any:
-        kw = dict(zip(names, args, strict=True))
-
-        def common(params_json: Any) -> dict[str, Any]:
-            return {
-                "params_json": params_json,
-                "tracking_uri": kw["tracking_uri"],
-                "pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            }
-
-        resolved = c.resolve_params(
-            params_json=kw["params_json"],
-            tracking=kw["tracking"],
-            experiment=kw["experiment"],
-            registered_model=kw["registered_model"],
-            epochs=kw["epochs"],
-            seed=kw["seed"],
-        )
-        configure_task(resolved, "resolve_params", opts)
-        pj = resolved.outputs["Output"]
-        prep = configure_task(c.prepare_data(**common(pj)), "prepare_data", opts)
-        dataset = prep.outputs["dataset"]
-        pre = configure_task(c.pretrained(**common(pj), dataset=dataset), "pretrained", opts)
-        pretrained_model = pre.outputs["model"]
-        conv = configure_task(
-            c.convert_bn(**common(pj), dataset=dataset, pretrained=pretrained_model), "convert_bn", opts
-        )
-        probe = configure_task(
-            c.linear_probe(**common(pj), dataset=dataset, pretrained=pretrained_model), "linear_probe", opts
-        )
-        starts = {
-            "pretrained": pretrained_model,
-            "bn_converted": conv.outputs["model"],
-            "linear_probe": probe.outputs["model"],
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="DAFT vs FT / LP-FT / LP: prepare data, pretrained, BN conversion, probe, fine-tune, "
+        "evaluate.",
+    )
+    def daft_pipeline(
+        params_json: str = params_to_json(params),
+        tracking_uri: str = opts.tracking_uri,
+        tracking: bool = p.tracking,
+        experiment: str = p.experiment,
+        registered_model: str = p.registered_model,
+        epochs: int = params.finetune.epochs,
+        seed: int = params.finetune.seed,
+        learning_rates: dict = lr_defaults,  # method -> {lr | head_lr | backbone_lr}
+    ) -> dsl.Artifact:
+        stages = dag.stages(params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed)
+        evaluations = {
+            method: dag.branch(stages, method, {"learning_rates": learning_rates}).outputs["evaluation"]
+            for method in params.finetune.methods
         }
+        return dag.final(stages, "report", evaluations)
 
-        def branch(method: str, lrs: Mapping[str, Any], in_loop: bool = False) -> dsl.PipelineTask:
-            # Inside a ParallelFor the params travel as resolve_params' JSON artifact: kfp.local (2.17.3)
-            # replaces every task-output *parameter* entering a loop with the loop item. Same content.
-            src = {"params_file": resolved.outputs["params"]} if in_loop else {"params_json": pj}
-            run_args = {k: v for k, v in common(pj).items() if k != "params_json"}
-            start = starts[methods[method].start]
-            ft = c.finetune(**run_args, **src, method=method, dataset=dataset, start=start, **lrs)
-            configure_task(ft.set_display_name(f"finetune-{method}"), "finetune", opts)
-            ev = c.evaluate(
-                **run_args,
-                **src,
-                method=method,
-                dataset=dataset,
-                model=ft.outputs["model"],
-                reference=pretrained_model,
-                finetune_info=ft.outputs["Output"],
+    if not opts.sweep:
+        return daft_pipeline
+
+    def daft_sweep_pipeline(*args: Any) -> dsl.Artifact:
+        """DAFT learning-rate sweep: per method a ParallelFor over its lrs; the best by ID val is selected."""
+        kw = dict(
+            zip(inspect.signature(daft_sweep_pipeline).parameters, args, strict=True)
+        )  # KFP: positional
+        params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed = (
+            kw[n]
+            for n in (
+                "params_json",
+                "tracking_uri",
+                "tracking",
+                "experiment",
+                "registered_model",
+                "epochs",
+                "seed",
             )
-            return configure_task(ev.set_display_name(f"evaluate-{method}"), "evaluate", opts)
-
-        ev_lp = c.evaluate(
-            **common(pj),
-            method="lp",
-            dataset=dataset,
-            model=probe.outputs["model"],
-            reference=pretrained_model,
         )
-        configure_task(ev_lp.set_display_name("evaluate-lp"), "evaluate", opts)
-
+        stages = dag.stages(params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed)
         evaluations: dict[str, Any] = {}
-        for method in methods:
-            if not opts.sweep:
-                lrs = {attr: kw[name] for name, (m, attr) in lr_params.items() if m == method}
-                evaluations[method] = branch(method, lrs).outputs["evaluation"]
-                continue
+        for method in params.finetune.methods:
             with dsl.ParallelFor(
-                kw[sweep_parameter_name(method)], parallelism=opts.sweep_parallelism, name=f"sweep-{method}"
+                kw[sweep_parameter_name(method)],
+                parallelism=opts.sweep_parallelism,
+                name=f"sweep-{method}",
             ) as point:
-                if SWEEP_KIND.get(method, "grid") == "lr":
+                if sweep_kind(method) == "lr":
                     lrs = {"lr": point}
                 else:
                     lrs = {"head_lr": point.head_lr, "backbone_lr": point.backbone_lr}
-                ev = branch(method, lrs, in_loop=True)
+                ev = dag.branch(stages, method, lrs, in_loop=True)
             evaluations[method] = dsl.Collected(ev.outputs["evaluation"])
+        return dag.final(stages, "select_best", evaluations)
 
-        final_step = "select_best" if opts.sweep else "report"
-        final = getattr(c, final_step)(**common(pj), lp=ev_lp.outputs["evaluation"], **evaluations)
-        configure_task(final, final_step, opts)
-        return final.outputs["report"]
-
-    dag.__signature__ = sig  # type: ignore[attr-defined]
-    dag.__name__ = "daft_sweep_pipeline" if opts.sweep else "daft_pipeline"
-    dag.__doc__ = (
-        "DAFT learning-rate sweep: per method a ParallelFor over its lrs; the best by ID val is selected."
-        if opts.sweep
-        else "DAFT vs FT / LP-FT / LP: prepare data, pretrained, BN conversion, probe, fine-tune, evaluate."
+    # Generated, because it cannot be static: KFP's ParallelFor iterates a pipeline parameter, so the sweep
+    # needs one list parameter per configured method (`<method>_lrs` / `<method>_grid`), after the plain
+    # pipeline's parameters (less `learning_rates`: a sweep point sets a method's lrs).
+    base = [
+        q
+        for q in inspect.signature(daft_pipeline.pipeline_func).parameters.values()
+        if q.name != "learning_rates"
+    ]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    sweeps = [
+        inspect.Parameter(
+            sweep_parameter_name(m), kind, default=sweep_points(params, m, opts.sweep_grid), annotation=list
+        )
+        for m in params.finetune.methods
+    ]
+    daft_sweep_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        base + sweeps, return_annotation=dsl.Artifact
     )
-    name = SWEEP_PIPELINE_NAME if opts.sweep else PIPELINE_NAME
-    return dsl.pipeline(name=name, description=dag.__doc__)(dag)
+    return dsl.pipeline(name=SWEEP_PIPELINE_NAME, description=daft_sweep_pipeline.__doc__)(
+        daft_sweep_pipeline
+    )
 
 
-def compile_pipeline(params: Params, opts: PipelineOptions, output: str) -> str:
+class _Dag:
+    """The tasks both pipelines share; each call adds tasks to the pipeline being built."""
+
+    def __init__(self, params: "Params", opts: PipelineOptions) -> None:
+        self.params, self.opts = params, opts
+        self.c = make_components(opts.image)
+
+    def task(self, step: str, factory: Callable[..., dsl.PipelineTask], name: str | None = None, **kw: Any):
+        task = factory(**kw)
+        if name:
+            task.set_display_name(name)
+        return configure_task(task, step, self.opts)
+
+    def stages(self, params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed):
+        """resolve_params -> prepare_data -> pretrained -> {convert_bn, linear_probe}; LP's evaluation."""
+        c = self.c
+        resolved = self.task(
+            "resolve_params",
+            c.resolve_params,
+            params_json=params_json,
+            tracking=tracking,
+            experiment=experiment,
+            registered_model=registered_model,
+            epochs=epochs,
+            seed=seed,
+        )
+        s = {
+            "resolved": resolved,
+            "run": {"tracking_uri": tracking_uri, "pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER},
+        }
+        common = {"params_json": resolved.outputs["Output"], **s["run"]}
+        s["common"] = common
+        dataset = self.task("prepare_data", c.prepare_data, **common).outputs["dataset"]
+        pretrained = self.task("pretrained", c.pretrained, **common, dataset=dataset).outputs["model"]
+        inputs = {**common, "dataset": dataset, "pretrained": pretrained}
+        s["dataset"], s["pretrained"] = dataset, pretrained
+        s["starts"] = {
+            "pretrained": pretrained,
+            "bn_converted": self.task("convert_bn", c.convert_bn, **inputs).outputs["model"],
+            "linear_probe": self.task("linear_probe", c.linear_probe, **inputs).outputs["model"],
+        }
+        s["lp"] = self.task(
+            "evaluate",
+            c.evaluate,
+            name="evaluate-lp",
+            **common,
+            method="lp",
+            dataset=dataset,
+            model=s["starts"]["linear_probe"],
+            reference=pretrained,
+        ).outputs["evaluation"]
+        return s
+
+    def branch(self, s: dict[str, Any], method: str, lrs: Mapping[str, Any], in_loop: bool = False):
+        """finetune[method] -> evaluate[method], starting from the model params.yaml names."""
+        # Inside a ParallelFor the params travel as resolve_params' JSON artifact: kfp.local (2.17.3)
+        # replaces every task-output *parameter* entering a loop with the loop item. Same content.
+        src = (
+            {"params_file": s["resolved"].outputs["params"]}
+            if in_loop
+            else {"params_json": s["common"]["params_json"]}
+        )
+        start = s["starts"][self.params.method(method).start]
+        ft = self.task(
+            "finetune",
+            self.c.finetune,
+            name=f"finetune-{method}",
+            **s["run"],
+            **src,
+            method=method,
+            dataset=s["dataset"],
+            start=start,
+            **lrs,
+        )
+        return self.task(
+            "evaluate",
+            self.c.evaluate,
+            name=f"evaluate-{method}",
+            **s["run"],
+            **src,
+            method=method,
+            dataset=s["dataset"],
+            model=ft.outputs["model"],
+            reference=s["pretrained"],
+            finetune_info=ft.outputs["Output"],
+        )
+
+    def final(self, s: dict[str, Any], step: str, evaluations: Mapping[str, Any]):
+        task = self.task(step, getattr(self.c, step), **s["common"], lp=s["lp"], **evaluations)
+        return task.outputs["report"]
+
+
+def compile_pipeline(params: "Params", opts: PipelineOptions, output: str) -> str:
     """Compile to `output` (YAML). The same params and options give byte-identical files."""
     from kfp import compiler
 

@@ -30,15 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from daft_core.errors import DatasetFormatError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 ID_SPLITS = ("id_train", "id_val", "id_test")
 _SET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FIX_HINT = "Rebuild the dataset (rerun the prepare_data step, e.g. `dvc repro prepare_data`)."
-
-
-class DatasetFormatError(ValueError):
-    """A dataset directory or in-memory set violates the format; the message names the file and the fix."""
 
 
 def validate_set_name(name: str) -> str:

@@ -100,7 +100,7 @@ def test_outputs_written(run: tuple[dict, dict, str]) -> None:
 def test_select_ignores_diverged_and_prefers_earliest() -> None:
     recs = [{"val_accuracy": None}, {"val_accuracy": 0.5}, {"val_accuracy": 0.7}, {"val_accuracy": 0.7}]
     assert cm._select(recs) == 2
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="diverged"):
         cm._select([{"val_accuracy": None}])
 
 

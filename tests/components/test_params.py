@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from components.params import ParamsError, load_params
+from components.params import Params, ParamsError, load_params, params_from_dict
+from daft_core.methods import get_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,3 +38,53 @@ def test_invalid_values_name_the_key(override: dict, named: str) -> None:
     with pytest.raises(ParamsError) as err:
         load_params(ROOT / "params.yaml", override)
     assert named in str(err.value)
+
+
+# -- the one translation from params to core objects -----------------------------------------------
+
+
+def _params(**methods: dict) -> Params:
+    return params_from_dict({"finetune": {"methods": methods}})
+
+
+def test_recipe_applies_the_lr_rule() -> None:
+    p = _params(
+        ft={"start": "pretrained", "lr": 0.05},
+        daft={"start": "bn_converted", "lr": 0.02, "head_lr": 0.3},
+        lp_ft={"start": "linear_probe"},
+    )
+    assert (p.recipe("ft").head_lr, p.recipe("ft").backbone_lr) == (0.05, 0.05)
+    assert (p.recipe("daft").head_lr, p.recipe("daft").backbone_lr) == (0.3, 0.02)
+    assert p.recipe("lp_ft") == get_recipe("lp_ft")  # nothing set: the catalogue's defaults
+    with pytest.raises(ParamsError, match="not configured"):
+        p.recipe("daft_bn_only")
+
+
+def test_with_method_lrs_layers_on_top_by_the_same_rule() -> None:
+    p = _params(daft={"start": "bn_converted", "head_lr": 0.3, "backbone_lr": 0.001})
+    assert p.with_method_lrs("daft") is p
+    both = p.with_method_lrs("daft", lr=0.01).recipe("daft")
+    assert (both.head_lr, both.backbone_lr) == (0.01, 0.01)
+    head = p.with_method_lrs("daft", head_lr=1.0).recipe("daft")
+    assert (head.head_lr, head.backbone_lr) == (1.0, 0.001)
+    with pytest.raises(ParamsError):
+        p.with_method_lrs("daft", lr=-1.0)
+
+
+def test_finetune_config_from_params() -> None:
+    from components.finetune import finetune_config
+
+    p = params_from_dict(
+        {
+            "finetune": {
+                "epochs": 7,
+                "batch_size": 32,
+                "methods": {"ft": {"start": "pretrained", "epochs": 2}, "daft": {"start": "bn_converted"}},
+            },
+            "evaluate": {"batch_size": 99},
+        }
+    )
+    assert finetune_config(p, "ft").epochs == 2  # the method's own epochs win
+    c = finetune_config(p, "daft", seed=5)
+    assert (c.epochs, c.batch_size, c.seed, c.eval_batch_size) == (7, 32, 5, 99)
+    assert finetune_config(p, "daft_bn_only").epochs == 7  # not configured: the section's settings

@@ -18,16 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from daft_core.augment import AugmentConfig, augment_batch, to_float_resized
-from daft_core.finetune import (
+from daft_core.methods import get_recipe
+from daft_core.training import (
     CheckpointMismatchError,
     FinetuneConfig,
     FinetuneResult,
     NonFiniteLossError,
     finetune,
 )
-from daft_core.recipes import get_recipe
 
-ft_module = importlib.import_module("daft_core.finetune")  # the package re-exports a function of that name
+# importlib: daft_core re-exports a function named `finetune`; the loop module looks up `_evaluate`
+ft_module = importlib.import_module("daft_core.training.loop")
 
 NUM_CLASSES = 3
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,13 @@ from daft_core.models import (
     CheckpointError,
     DaftModel,
     build_model,
+    checkpoint,
     count_batchnorm,
     load_model,
     load_state_dict_file,
+    register_opener,
     save_model,
+    uri_scheme,
 )
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -276,54 +278,61 @@ def test_torchvision_imagenet_needs_the_cache(tmp_path: Path, monkeypatch: pytes
     torch.testing.assert_close(m.head.weight, ref.fc.weight)
 
 
-# --- S3 ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- URIs: the core reads local files only, other schemes go through a registered opener ---------------
 
 
 @pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
-    server_mod = pytest.importorskip("moto.server")
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
-    port = _free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+def no_s3_opener(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another test file may have run components.storage.install() in this process."""
+    monkeypatch.delitem(checkpoint._OPENERS, "s3", raising=False)
 
 
-def test_s3_weights_and_models(tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import boto3
+@pytest.mark.usefixtures("no_s3_opener")
+def test_s3_without_an_opener_says_how_to_enable_it(tiny: DaftModel) -> None:
+    uri = "s3://models/runs/m.pt"
+    for load in (load_state_dict_file, load_model, lambda p: build_model("tiny_cnn", weights=p)):
+        with pytest.raises(CheckpointError) as err:
+            load(uri)
+        msg = str(err.value)
+        assert uri in msg and "no opener" in msg and "components.storage.install()" in msg
+    with pytest.raises(CheckpointError, match=r"register_opener\('gs', fetch\)"):
+        load_model("gs://bucket/m.pt")
 
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
-    s3.create_bucket(Bucket="models")
-    m = build_model("tiny_cnn", num_classes=3, input_size=16).eval()
-    s3.upload_file(str(save_model(m, tmp_path / "m.pt", extra={"k": 1})), "models", "runs/m.pt")
-    torch.save(m.state_dict(), tmp_path / "raw.pt")
-    s3.upload_file(str(tmp_path / "raw.pt"), "models", "raw.pt")
+
+def test_registered_opener_feeds_the_safe_loader(
+    tmp_path: Path, tiny: DaftModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    save_model(tiny, store / "m.pt", extra={"k": 1})
+    torch.save(
+        {"state_dict": {"w": torch.zeros(1)}, "x": _SystemPayload(tmp_path / "marker")}, store / "evil.pt"
+    )
+    fetched: list[str] = []
+
+    def fetch(uri: str, dest: Path) -> None:
+        fetched.append(uri)
+        name = uri.split("://", 1)[1]
+        if not (store / name).is_file():
+            raise FileNotFoundError(f"no such object: {name}")
+        dest.write_bytes((store / name).read_bytes())
+
+    monkeypatch.setitem(checkpoint._OPENERS, "mem", fetch)
+    register_opener("MEM://", fetch)  # scheme is normalised; registering again just replaces
+    assert uri_scheme("mem://m.pt") == "mem" and uri_scheme(store / "m.pt") is None
     x = _uint8(2)
-
-    loaded = load_model("s3://models/runs/m.pt", endpoint_url=s3_endpoint).eval()  # explicit endpoint
+    loaded = load_model("mem://m.pt").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), m(x), rtol=0, atol=0)
-    assert loaded.extra == {"k": 1}
-
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # endpoint from the environment
-    from_raw = build_model("tiny_cnn", weights="s3://models/raw.pt", num_classes=3, input_size=16).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(from_raw(x), m(x), rtol=0, atol=0)
-    with pytest.raises(CheckpointError, match="cannot download"):
-        load_state_dict_file("s3://models/missing.pt")
+        torch.testing.assert_close(loaded(x), tiny.eval()(x), rtol=0, atol=0)
+    assert loaded.extra == {"k": 1} and fetched == ["mem://m.pt"]
+    assert build_model("tiny_cnn", weights="mem://m.pt", num_classes=3, input_size=16).spec["weights"] == (
+        "mem://m.pt"
+    )
+    with pytest.raises(CheckpointError, match=r"cannot fetch mem://missing.pt: no such object"):
+        load_state_dict_file("mem://missing.pt")
+    with pytest.raises(
+        CheckpointError, match="refused"
+    ):  # a fetched file gets no more trust than a local one
+        load_state_dict_file("mem://evil.pt")
+    assert not (tmp_path / "marker").exists()
+    with pytest.raises(ValueError, match="not a URI scheme"):
+        register_opener("no/slash", fetch)

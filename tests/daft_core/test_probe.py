@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from daft_core.probe import LOGSPACE_CS, ProbeResult, extract_features, fit_linear_probe
+from daft_core.probe import LOGSPACE_CS, ProbeResult, ProbeSolver, extract_features, fit_linear_probe
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.datasets import load_digits  # noqa: E402
@@ -134,7 +134,7 @@ def test_folded_head_applies_to_raw_features(digits: dict[str, np.ndarray]) -> N
     scale = rng.uniform(0.01, 100.0, size=64).astype(np.float32)
     shift = rng.uniform(-50.0, 50.0, size=64).astype(np.float32)
     d2 = {k: (v * scale + shift if k.startswith("x") else v) for k, v in digits.items()}
-    kw = {"device": "cpu", "dtype": torch.float64, "tol": 1e-7, "max_iter": 500}
+    kw = {"device": "cpu", "solver": ProbeSolver(dtype=torch.float64, tol=1e-7, max_iter=500)}
     a = fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], [0.1], **kw)
     b = fit_linear_probe(d2["xt"], d2["yt"], d2["xv"], d2["yv"], [0.1], **kw)
 
@@ -194,9 +194,9 @@ def test_preconditioner_only_changes_speed(digits: dict[str, np.ndarray]) -> Non
     cs = np.logspace(-4, 1, 8)
     args = (digits["xt"], digits["yt"], digits["xv"], digits["yv"], cs)
     # float64 and a tight tol: both converge, so they must reach the same optima
-    kw = {"device": "cpu", "tol": 1e-6, "max_iter": 500, "dtype": torch.float64}
-    fast = fit_linear_probe(*args, **kw)
-    plain = fit_linear_probe(*args, precondition=False, **kw)
+    kw = {"device": "cpu", "tol": 1e-6, "max_iter": 500}
+    fast = fit_linear_probe(*args, solver=ProbeSolver(dtype=torch.float64), **kw)
+    plain = fit_linear_probe(*args, solver=ProbeSolver(dtype=torch.float64, precondition=False), **kw)
     for a, b in zip(fast.sweep, plain.sweep, strict=True):
         assert abs(a["val_accuracy"] - b["val_accuracy"]) <= 0.0026  # 1 of 400 val images
     assert sum(r["evaluations"] for r in fast.sweep) < sum(r["evaluations"] for r in plain.sweep)
@@ -210,6 +210,27 @@ def test_num_classes_larger_than_seen_labels() -> None:
     res = fit_linear_probe(x[:150], y[:150], x[150:], y[150:], [1.0], num_classes=5, device="cpu")
     assert res.head.out_features == 5 and res.num_classes == 5
     assert res.val_accuracy > 0.9
+
+
+def test_solver_knobs_validated_and_keywords_override(digits: dict[str, np.ndarray]) -> None:
+    """Bad knobs fail at construction; max_iter=/tol= keywords win over the solver's fields."""
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        ProbeSolver(max_iter=0)
+    with pytest.raises(ValueError, match="tol > 0"):
+        fit_linear_probe(digits["xt"], digits["yt"], digits["xv"], digits["yv"], [1.0], tol=0.0)
+    with pytest.raises(ValueError, match="floating point"):
+        ProbeSolver(dtype=torch.int64)
+    res = fit_linear_probe(
+        digits["xt"],
+        digits["yt"],
+        digits["xv"],
+        digits["yv"],
+        [1.0],
+        device="cpu",
+        solver=ProbeSolver(max_iter=500),
+        max_iter=1,
+    )
+    assert res.sweep[0]["iterations"] == 1
 
 
 @pytest.mark.parametrize(

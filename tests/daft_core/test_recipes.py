@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from daft_core.recipes import RECIPES, Recipe, get_recipe
+from daft_core.methods import RECIPES, get_recipe
+from daft_core.recipes import Recipe
 
 EXPECTED = {"ft", "lp", "lp_ft", "daft", "daft_bn_only", "daft_fast_head_only"}
 

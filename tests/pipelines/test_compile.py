@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from components.params import load_params
+from daft_core.methods import METHODS as CATALOGUE
 from pipelines.cli import main as cli_main
 from pipelines.pipeline import DEFAULT_SECRETS, PipelineOptions, build_pipeline, compile_pipeline
 
@@ -220,10 +221,16 @@ def test_pipeline_parameters_default_to_params_yaml(compiled) -> None:
     assert default["registered_model"] == params.pipeline.registered_model
     assert default["tracking"] is params.pipeline.tracking
     assert default["tracking_uri"] == ""
+    # One static `learning_rates` parameter: method -> the lr fields params.yaml sets for it.
+    lrs = default["learning_rates"]
+    assert set(lrs) == set(params.finetune.methods)
     for method, m in params.finetune.methods.items():
         for attr in ("lr", "head_lr", "backbone_lr"):
             if getattr(m, attr) is not None:
-                assert default[f"{method}_{attr}"] == pytest.approx(getattr(m, attr))
+                assert lrs[method][attr] == pytest.approx(getattr(m, attr))
+            else:
+                assert attr not in lrs[method]
+    assert defs["learning_rates"]["parameterType"] == "STRUCT"
     assert defs["epochs"]["parameterType"] == "NUMBER_INTEGER"
     assert defs["tracking"]["parameterType"] == "BOOLEAN"
 
@@ -248,9 +255,11 @@ def test_sweep_pipeline_parallel_for_and_collected(tmp_path: Path) -> None:
     spec, _, _ = _compile(tmp_path, "sweep.yaml", sweep=True, sweep_parallelism=3)
     assert spec["pipelineInfo"]["name"] == "daft-sweep"
     defs = spec["root"]["inputDefinitions"]["parameters"]
+    # The default grids are the method catalogue's (daft_core.methods), the one source of sweep grids.
     grid = defs["daft_grid"]["defaultValue"]
-    assert len(grid) == 9 and {"head_lr": 0.1, "backbone_lr": 1e-6} in grid
-    assert defs["ft_lrs"]["defaultValue"] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert grid == [{"head_lr": h, "backbone_lr": b} for h, b in CATALOGUE["daft"].grid]
+    assert defs["ft_lrs"]["defaultValue"] == CATALOGUE["ft"].lr_list()
+    assert "learning_rates" not in defs  # a sweep point sets a method's lrs
     assert defs["lp_ft_lrs"]["parameterType"] == "LIST"
     tasks = spec["root"]["dag"]["tasks"]
     loops = {k: t for k, t in tasks.items() if "parameterIterator" in t}
@@ -401,3 +410,14 @@ def test_every_dependency_is_pinned_in_constraints() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), f"{req} vs pin {pins[name]}"
     packages = project and tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "pipelines*" in packages["packages"]["find"]["include"]
+
+
+def test_report_inputs_cover_the_catalogue() -> None:
+    """KFP has no variadic artifact inputs, so report/select_best name one input per catalogue method."""
+    import inspect
+
+    from daft_core.methods import FINETUNED_METHODS, METHOD_ORDER
+    from pipelines import components as comps
+
+    assert set(inspect.signature(comps.report).parameters) >= set(METHOD_ORDER)
+    assert set(inspect.signature(comps.select_best).parameters) >= set(FINETUNED_METHODS)

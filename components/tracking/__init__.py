@@ -1,0 +1,66 @@
+"""MLflow tracking for the pipeline steps: the only package in the project that imports mlflow (lazily,
+so importing it stays cheap and a run with ``pipeline.tracking: false`` never needs a server).
+
+Layout in MLflow (one experiment per pipeline, ``pipeline.experiment`` in params.yaml)::
+
+    pipeline-<id[:8]>                 parent run, tags daft.pipeline_run_id=<id>, daft.role=pipeline
+      ├── prepare_data                child run per step, tags mlflow.parentRunId, daft.step, daft.method,
+      ├── finetune[daft]              daft.pipeline_run_id; params, per-epoch metrics, dataset inputs,
+      └── ...                         artifacts and logged models
+
+Modules: ``identity`` (store URI, pipeline run id, data digest, tag names), ``retries`` (bounded retries,
+TrackingError), ``registry`` (aliases), ``runs`` (experiment, parent run), ``values`` (MLflow-safe
+values), ``tracker`` (step_run, StepTracker). Names are re-exported here for reading and calling; to
+monkeypatch a setting (e.g. ``RETRY_BACKOFF_S``), patch the module that defines it.
+"""
+
+from components.tracking.identity import (
+    DATA_DIGEST_TAG,
+    METHOD_TAG,
+    PARENT_TAG,
+    PIPELINE_ID_ENV,
+    ROLE_TAG,
+    ROOT_MARKERS,
+    SOURCE_PATHS,
+    STEP_TAG,
+    data_digest,
+    pipeline_run_id,
+    repo_root,
+    tracking_uri,
+)
+from components.tracking.registry import set_alias, version_for_alias
+from components.tracking.retries import (
+    HTTP_ENV_DEFAULTS,
+    RETRY_ATTEMPTS,
+    RETRY_BACKOFF_S,
+    TrackingError,
+    check_reachable,
+)
+from components.tracking.tracker import MAX_DATASET_DIGEST, StepTracker, step_run
+from components.tracking.values import MAX_PARAM_VALUE
+
+__all__ = [
+    "DATA_DIGEST_TAG",
+    "HTTP_ENV_DEFAULTS",
+    "MAX_DATASET_DIGEST",
+    "MAX_PARAM_VALUE",
+    "METHOD_TAG",
+    "PARENT_TAG",
+    "PIPELINE_ID_ENV",
+    "RETRY_ATTEMPTS",
+    "RETRY_BACKOFF_S",
+    "ROLE_TAG",
+    "ROOT_MARKERS",
+    "SOURCE_PATHS",
+    "STEP_TAG",
+    "StepTracker",
+    "TrackingError",
+    "check_reachable",
+    "data_digest",
+    "pipeline_run_id",
+    "repo_root",
+    "set_alias",
+    "step_run",
+    "tracking_uri",
+    "version_for_alias",
+]

@@ -1,0 +1,321 @@
+"""A step's MLflow child run (:func:`step_run`) and what the step logs into it (:class:`StepTracker`).
+
+Model logging format
+    Models are logged with ``mlflow.pytorch.log_model(..., serialization_format="pickle")``: the pickle
+    flavour (``torch.save`` of the whole module with MLflow's cloudpickle-based pickle module). The default of
+    MLflow 3 (``torch.export``, "pt2") traces the forward for one fixed input example and loads back as an
+    ``fx.GraphModule``: it would lose ``features()``/``head``/``spec`` and the data-dependent branches of
+    ``DaftModel.preprocess`` (uint8 or float, 1 or 3 channels, any size). The pickle refers to classes by
+    import path, so loading needs the same ``daft_core`` installed (it is: one image / one venv for every
+    step); the weights are a CPU, eval-mode copy of the model, so ``mlflow.pytorch.load_model`` returns a
+    module that reproduces the logged model's outputs exactly. Loading a pickled model executes code from
+    the artifact store: only load models from a tracking server you trust. The portable, pickle-free copy of
+    every model is the ``save_model`` checkpoint each step also writes (and DVC/Kubeflow track).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from components.tracking import registry
+from components.tracking.identity import (
+    DATA_DIGEST_TAG,
+    METHOD_TAG,
+    PARENT_TAG,
+    ROLE_TAG,
+    STEP_TAG,
+    data_digest,
+    repo_root,
+    tracking_uri,
+)
+from components.tracking.retries import mlflow_client, redact_uri, retry
+from components.tracking.runs import end_runs, ensure_experiment, find_or_create_parent, global_uri
+from components.tracking.values import as_number, flatten, param_value, safe_name, to_numpy
+
+log = logging.getLogger(__name__)
+
+MAX_DATASET_DIGEST = 32  # MLflow stores dataset digests in a 36-character column
+
+T = TypeVar("T")
+
+
+class StepTracker:
+    """Logs one step's run. Obtain it from :func:`step_run`; every method is a no-op when disabled,
+    so steps log unconditionally and ``pipeline.tracking: false`` needs no branches in them."""
+
+    def __init__(
+        self,
+        *,
+        uri: str | None = None,
+        client: Any = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        experiment_id: str | None = None,
+        pipeline_id: str | None = None,
+        step: str = "",
+        method: str | None = None,
+    ) -> None:
+        self.uri = uri
+        self.client = client
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+        self.pipeline_id = pipeline_id
+        self.step = step
+        self.method = method
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        assert self.uri is not None
+        return retry(self.uri, what, fn)
+
+    # -- params / metrics --------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled or not params:
+            return
+        from mlflow.entities import Param
+
+        flat = [Param(k, param_value(v)) for k, v in flatten(params).items() if v is not None]
+        for i in range(0, len(flat), 100):  # MLflow's per-batch param limit
+            chunk = flat[i : i + 100]
+            self._call("log params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Numeric values only (nested dicts flattened with dotted keys; None and non-numbers skipped)."""
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = []
+        for k, v in flatten(metrics).items():
+            x = as_number(v)
+            if x is None:
+                continue
+            rows.append(Metric(k, x, now, int(step) if step is not None else 0))
+        for i in range(0, len(rows), 1000):  # MLflow's per-batch metric limit
+            chunk = rows[i : i + 1000]
+            self._call("log metrics", lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk))
+
+    def log_epoch(self, record: Mapping[str, Any]) -> None:
+        """One per-epoch record (``finetune`` history row): every numeric field at step=epoch."""
+        if not self.enabled:
+            return
+        epoch = record.get("epoch")
+        self.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=int(epoch or 0))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        rows = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("set tags", lambda: self.client.log_batch(self.run_id, tags=rows))
+
+    # -- lineage / artifacts -----------------------------------------------------------------------
+    def log_dataset(
+        self,
+        data_dir: str | os.PathLike[str],
+        manifest: Mapping[str, Any],
+        name: str = "dataset",
+        context: str = "training",
+    ) -> str | None:
+        """Record a dataset input (source: data_dir; digest: the manifest's hashes); returns the digest.
+
+        The full digest also goes into a run tag, since the dataset entity only keeps a prefix of it.
+        """
+        if not self.enabled:
+            return None
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        digest = data_digest(manifest)
+        ds = MetaDataset(source=_dataset_source(data_dir), name=name, digest=digest[:MAX_DATASET_DIGEST])
+        entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._call("log dataset", lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
+        self.set_tags({DATA_DIGEST_TAG: digest})
+        return digest
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        p = Path(path)
+        if p.is_dir():
+            self._call(
+                f"upload {p}", lambda: self.client.log_artifacts(self.run_id, str(p), artifact_path or p.name)
+            )
+        else:
+            self._call(f"upload {p}", lambda: self.client.log_artifact(self.run_id, str(p), artifact_path))
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        if not self.enabled:
+            return
+        self._call(f"upload {name}", lambda: self.client.log_dict(self.run_id, obj, name))
+
+    # -- models ------------------------------------------------------------------------------------
+    def log_model(
+        self,
+        model: Any,
+        *,
+        registered_model: str,
+        stage: str,
+        method: str | None,
+        alias: str,
+        input_example: Any,
+        source_version: str | int | None = None,
+    ) -> str | None:
+        """Log `model` (pickle flavour, CPU eval copy; see the module docstring for why), register a new
+        version, tag it, set `alias`.
+
+        Returns the new version (None when tracking is disabled). Version tags: ``stage``, ``method``,
+        ``source_version`` (the version this model was derived from, or "none"), ``run_id``,
+        ``pipeline_run_id``. `input_example`: one or two inputs as the model takes them (e.g. uint8
+        (N, C, H, W) images; cut to 2 rows), stored with the model and used to infer its signature.
+        """
+        if not self.enabled:
+            return None
+        import mlflow
+        import mlflow.pytorch
+
+        module = copy.deepcopy(model).cpu().eval()
+        example = to_numpy(input_example)
+        info = self._call(
+            f"log model {stage}",
+            lambda: mlflow.pytorch.log_model(
+                module,
+                name=safe_name(stage),
+                input_example=example,
+                serialization_format="pickle",
+                # explicit: skips MLflow's requirement inference, which re-loads the model in a subprocess
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            ),
+        )
+        tags = {
+            "stage": stage,
+            "method": method or "none",
+            "source_version": str(source_version) if source_version is not None else "none",
+            "run_id": self.run_id,
+            "pipeline_run_id": self.pipeline_id or "",
+        }
+        mv = self._call(
+            f"register {registered_model}",
+            lambda: mlflow.register_model(info.model_uri, registered_model, tags=tags),
+        )
+        version = str(mv.version)
+        self.set_alias(registered_model, alias, version)
+        self.set_tags({f"daft.model_version.{safe_name(stage)}": version})
+        log.info("logged model %s version %s (stage %s, alias %s)", registered_model, version, stage, alias)
+        return version
+
+    def set_alias(self, registered_model: str, alias: str, version: str | int) -> None:
+        if not self.enabled:
+            return
+        registry.set_alias(registered_model, alias, version, uri=self.uri)
+
+    def version_for_alias(self, registered_model: str, alias: str) -> str | None:
+        if not self.enabled:
+            return None
+        return registry.version_for_alias(registered_model, alias, uri=self.uri)
+
+
+def _dataset_source(data_dir: str | os.PathLike[str]) -> Any:
+    """A source pointing at data_dir: a URI (s3://...) as is, a local path as a file:// URI."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    s = str(data_dir)
+    if "://" not in s:
+        s = Path(s).resolve().as_uri()
+    try:
+        with warnings.catch_warnings():  # "file" and "" both map to LocalArtifactDatasetSource: harmless
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(s)
+    except Exception:  # a scheme without an MLflow artifact repository: keep the URI as is
+        return HTTPDatasetSource(url=s)
+
+
+@contextmanager
+def step_run(
+    step: str,
+    params: Mapping[str, Any],
+    *,
+    method: str | None = None,
+    enabled: bool = True,
+    experiment: str,
+    pipeline_id: str,
+) -> Iterator[StepTracker]:
+    """One child run for `step` under the pipeline's parent run; ends FINISHED, or FAILED and re-raises.
+
+    With ``enabled=False`` yields a tracker whose methods do nothing (no server, no mlflow.db).
+    Raises :class:`TrackingError` before the body runs when the tracking server is unreachable, so a step
+    fails within seconds instead of after its expensive work.
+    """
+    if not enabled:
+        log.info("MLflow tracking disabled (pipeline.tracking: false)")
+        yield StepTracker(step=step, method=method, pipeline_id=pipeline_id)
+        return
+
+    import mlflow
+
+    uri = tracking_uri()
+    client = mlflow_client(uri)
+    t0 = time.monotonic()
+    retry(uri, "connect", lambda: client.search_experiments(max_results=1))
+    # With the default sqlite store, artifacts go next to it (<repo>/mlartifacts, git-ignored) whatever the
+    # cwd; with a server, its own artifact root (e.g. --artifacts-destination s3://...) applies.
+    default_store = not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    location = (repo_root() / "mlartifacts").as_uri() if default_store else None
+    exp_id = ensure_experiment(client, uri, experiment, location)
+    parent_id = find_or_create_parent(client, uri, exp_id, pipeline_id)
+    run_name = f"{step}[{method}]" if method else step
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        PARENT_TAG: pipeline_id,
+        ROLE_TAG: "step",
+        STEP_TAG: step,
+        METHOD_TAG: method or "none",
+        "mlflow.source.name": f"components.{step}",
+    }
+    run = retry(uri, "create run", lambda: client.create_run(exp_id, run_name=run_name, tags=tags))
+    run_id = run.info.run_id
+    tracker = StepTracker(
+        uri=uri,
+        client=client,
+        run_id=run_id,
+        parent_run_id=parent_id,
+        experiment_id=exp_id,
+        pipeline_id=pipeline_id,
+        step=step,
+        method=method,
+    )
+    log.info(
+        "MLflow run %s (%s) under pipeline run %s at %s [%.1f s]",
+        run_id,
+        run_name,
+        parent_id,
+        redact_uri(uri),
+        time.monotonic() - t0,
+    )
+    status = "FAILED"
+    with global_uri(uri):
+        # Also the fluent active run, so mlflow.* calls inside the step (log_model) land in this run.
+        nested = mlflow.active_run() is not None
+        retry(uri, "start run", lambda: mlflow.start_run(run_id=run_id, nested=nested))
+        try:
+            tracker.log_params(params)
+            yield tracker
+            status = "FINISHED"
+        finally:
+            end_runs(client, uri, run_id, parent_id, status)
