@@ -56,6 +56,7 @@ import torch
 
 from components.finetune import finetune_config
 from components.params import DEFAULT_PARAMS, Params, load_params, parse_overrides
+from daft_core.atomic import atomic_file
 from daft_core.data import iterate_batches, load_preset
 from daft_core.devices import resolve_device
 from daft_core.evaluate import evaluate
@@ -416,9 +417,8 @@ def write_outputs(results: dict[str, Any], prefix: str | os.PathLike[str]) -> No
     prefix.parent.mkdir(parents=True, exist_ok=True)
     json_path = prefix.with_name(prefix.name + ".json")
     md_path = prefix.with_name(prefix.name + ".md")
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(json_path)
+    with atomic_file(json_path, "w") as f:
+        f.write(json.dumps(results, indent=1) + "\n")
     s = results["settings"]
     lines = [
         f"# compare_methods: {s['preset']} ({'partial' if results.get('partial') else 'complete'})",

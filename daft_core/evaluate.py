@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daft_core.devices import module_device
+from daft_core.devices import module_device, resolve_device
 
 __all__ = ["evaluate", "expected_calibration_error", "parameter_distance"]
 
@@ -300,7 +300,7 @@ def evaluate(
     for name, ds in sets.items():
         _validate(name, ds, num_classes)
 
-    dev = torch.device(device) if device is not None else module_device(model)
+    dev = resolve_device(device) if device is not None else module_device(model)
     modules = [m for m in (model, reference) if m is not None]
     saved = [({m: m.training for m in mod.modules()}, module_device(mod)) for mod in modules]
     try:

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from daft_core.atomic import atomic_dir
 from daft_core.errors import DatasetFormatError
 
 FORMAT_VERSION = 1
@@ -259,25 +258,8 @@ def save_bundle(bundle: DatasetBundle, root: str | os.PathLike[str]) -> dict[str
                 f"{root} is a non-empty directory without {MANIFEST_NAME}; refusing to replace it "
                 "(choose an empty or new output directory)"
             )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:12]
-    tmp = root.parent / f".{root.name}.tmp-{token}"
-    old = root.parent / f".{root.name}.old-{token}"
-    try:
-        tmp.mkdir()
+    with atomic_dir(root) as tmp:
         _write_bundle(bundle, tmp)
-        if root.exists():
-            os.replace(root, old)
-            try:
-                os.replace(tmp, root)
-            except BaseException:
-                os.replace(old, root)  # put the previous bundle back
-                raise
-        else:
-            os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
     with open(root / MANIFEST_NAME, encoding="utf-8") as f:
         return json.load(f)
 

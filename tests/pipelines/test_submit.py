@@ -139,7 +139,7 @@ def test_submit_uploads_spec_parameters_experiment_and_run_name(kfp_server: Fake
         "--param",
         "epochs=2",
         "--param",
-        "daft_head_lr=0.5",
+        'learning_rates={"daft": {"head_lr": 0.5}}',
         "--param",
         "tracking_uri=http://mlflow.mlflow.svc:5000",
     )
@@ -160,7 +160,7 @@ def test_submit_uploads_spec_parameters_experiment_and_run_name(kfp_server: Fake
     assert body["experiment_id"] == "exp-1"
     assert body["runtime_config"]["parameters"] == {
         "epochs": 2,
-        "daft_head_lr": 0.5,
+        "learning_rates": {"daft": {"head_lr": 0.5}},
         "tracking_uri": "http://mlflow.mlflow.svc:5000",
     }
     spec = body["pipeline_spec"]["pipeline_spec"]
