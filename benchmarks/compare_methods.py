@@ -1,8 +1,13 @@
 """FT vs LP vs LP-FT vs DAFT (and DAFT's two ablations): ID/OOD accuracy and feature distortion over seeds.
 
-    python -m benchmarks.compare_methods --preset digits --seeds 3 [--epochs 4] [--input-size 48]
+    python -m benchmarks.compare_methods --seeds 3 [--params params.yaml] [--set KEY=VALUE ...]
+        [--preset digits] [--epochs N] [--input-size 48] [--model efficientnet_lite0 --weights imagenet]
         [--methods ft,lp,lp_ft,daft,daft_bn_only,daft_fast_head_only] [--no-sweep] [--out PREFIX]
-        [--max-train N] [--model efficientnet_lite0 --weights imagenet] [--threads N]
+        [--max-train N] [--threads N]
+
+Settings come from params.yaml (the pipeline's own: data, model, the fine-tuning loop, each method's lrs
+for --no-sweep), then --set, then the explicit flags; the methods, their grids and the ablations' parents
+come from the method catalogue (daft_core.methods).
 
 Prints a table and, as its last stdout line, ONE JSON line; progress (method, seed, lrs, ID val, seconds)
 goes to stderr. ``--out PREFIX`` also writes ``PREFIX.md`` and ``PREFIX.json`` (rewritten after every

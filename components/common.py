@@ -26,7 +26,6 @@ from components.params import (
 from daft_core.atomic import atomic_file
 
 log = logging.getLogger("components")
-storage.install()  # every step reads s3:// checkpoints through the core's URI hook
 
 MODEL_FILE = "model.pt"
 
@@ -70,6 +69,7 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
 
     def main(argv: Sequence[str] | None = None) -> int:
         configure_logging()
+        storage.install()  # s3:// checkpoints through the core's URI hook
         from components.tracking import TrackingError
         from daft_core.errors import BNConversionError, CheckpointError, DatasetFormatError, DeviceError
 

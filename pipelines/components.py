@@ -332,6 +332,7 @@ def step_setup(
     The params come from `params_json`, or from the `params_file` artifact (resolve_params' JSON file) when
     given (the steps inside a sweep's ParallelFor).
     """
+    from components import storage
     from components.common import configure_logging
     from components.params import params_from_dict
 
@@ -340,6 +341,7 @@ def step_setup(
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     configure_logging()
+    storage.install()  # s3:// checkpoints through the core's URI hook
     if params_file is not None:
         return params_from_dict(json.loads(Path(params_file.path).read_text()), "params_file")
     return params_from_dict(as_mapping(params_json), "params_json")

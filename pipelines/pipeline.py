@@ -252,28 +252,25 @@ def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # 
     if not opts.sweep:
         return daft_pipeline
 
+    # Generated, because it cannot be static: KFP's ParallelFor iterates a pipeline parameter, so the sweep
+    # needs one list parameter per configured method (`<method>_lrs` / `<method>_grid`), after the plain
+    # pipeline's parameters (less `learning_rates`: a sweep point sets a method's lrs).
+    base = [
+        q
+        for q in inspect.signature(daft_pipeline.pipeline_func).parameters.values()
+        if q.name != "learning_rates"
+    ]
+    sweep_names = [sweep_parameter_name(m) for m in params.finetune.methods]
+
     def daft_sweep_pipeline(*args: Any) -> dsl.Artifact:
         """DAFT learning-rate sweep: per method a ParallelFor over its lrs; the best by ID val is selected."""
-        kw = dict(
-            zip(inspect.signature(daft_sweep_pipeline).parameters, args, strict=True)
-        )  # KFP: positional
-        params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed = (
-            kw[n]
-            for n in (
-                "params_json",
-                "tracking_uri",
-                "tracking",
-                "experiment",
-                "registered_model",
-                "epochs",
-                "seed",
-            )
-        )
-        stages = dag.stages(params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed)
+        # KFP passes the parameters positionally, in the order of the signature set below.
+        stages = dag.stages(*args[: len(base)])
+        sweeps = dict(zip(sweep_names, args[len(base) :], strict=True))
         evaluations: dict[str, Any] = {}
         for method in params.finetune.methods:
             with dsl.ParallelFor(
-                kw[sweep_parameter_name(method)],
+                sweeps[sweep_parameter_name(method)],
                 parallelism=opts.sweep_parallelism,
                 name=f"sweep-{method}",
             ) as point:
@@ -285,23 +282,13 @@ def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # 
             evaluations[method] = dsl.Collected(ev.outputs["evaluation"])
         return dag.final(stages, "select_best", evaluations)
 
-    # Generated, because it cannot be static: KFP's ParallelFor iterates a pipeline parameter, so the sweep
-    # needs one list parameter per configured method (`<method>_lrs` / `<method>_grid`), after the plain
-    # pipeline's parameters (less `learning_rates`: a sweep point sets a method's lrs).
-    base = [
-        q
-        for q in inspect.signature(daft_pipeline.pipeline_func).parameters.values()
-        if q.name != "learning_rates"
-    ]
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    sweeps = [
-        inspect.Parameter(
-            sweep_parameter_name(m), kind, default=sweep_points(params, m, opts.sweep_grid), annotation=list
-        )
-        for m in params.finetune.methods
+    lists = [
+        inspect.Parameter(name, kind, default=sweep_points(params, m, opts.sweep_grid), annotation=list)
+        for name, m in zip(sweep_names, params.finetune.methods, strict=True)
     ]
     daft_sweep_pipeline.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        base + sweeps, return_annotation=dsl.Artifact
+        base + lists, return_annotation=dsl.Artifact
     )
     return dsl.pipeline(name=SWEEP_PIPELINE_NAME, description=daft_sweep_pipeline.__doc__)(
         daft_sweep_pipeline
