@@ -17,6 +17,7 @@ from components.common import (
     resolve_device,
     tracked,
 )
+from components.outputs import check_outputs
 from components.params import Params
 from components.publish import publish_model
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    check_outputs("convert_bn", dirs=[out_dir], inputs=[model_in, data_dir])
     from daft_core.bn_conversion import convert_batchnorm
     from daft_core.data import iterate_batches
     from daft_core.models import load_model
@@ -54,6 +56,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             out_dir,
             model,
             stage="bn_converted",
+            step="convert_bn",
             method="daft",
             alias_of="bn_converted",
             bundle=bundle,

@@ -18,6 +18,7 @@ from components.common import (
     tracked,
     write_json,
 )
+from components.outputs import check_outputs
 from components.params import Params
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def summarize(method: str, raw: dict[str, Any], ood_names: Sequence[str]) -> dic
     return out
 
 
+def details_path(out_metrics: Path) -> Path:
+    """The full evaluation report written beside the metrics file."""
+    return out_metrics.with_suffix(".details.json")
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -64,6 +70,13 @@ def run(
     data_dir: str | Path,
     out_metrics: str | Path,
 ) -> dict[str, Any]:
+    out_metrics = Path(out_metrics)
+    check_outputs(
+        "evaluate",
+        files=[out_metrics, details_path(out_metrics)],
+        inputs=[model_in, reference_in, data_dir],
+    )
+    from daft_core.data.checks import check_labels_fit
     from daft_core.evaluate import evaluate
     from daft_core.models import load_model
 
@@ -72,6 +85,7 @@ def run(
     with tracked(params, "evaluate", {"evaluate": e.model_dump(mode="json")}, method=method) as tracker:
         bundle = load_data(data_dir, tracker, "evaluation")
         model = load_model(model_file(model_in))
+        check_labels_fit(model.num_classes, bundle, str(model_file(model_in)), data_where=str(data_dir))
         reference = load_model(model_file(reference_in)) if reference_in else None
         sets = {"id_val": bundle.val, "id_test": bundle.test, **bundle.ood}
         raw = evaluate(
@@ -84,9 +98,8 @@ def run(
         )
         metrics = summarize(method, raw, list(bundle.ood))
         metrics["seconds"] = timer.seconds
-        out_metrics = Path(out_metrics)
         write_json(out_metrics, metrics)
-        write_json(out_metrics.with_suffix(".details.json"), raw)
+        write_json(details_path(out_metrics), raw)
         tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("method", "distortion")})
         if "distortion" in metrics:
             tracker.log_metrics({k: v for k, v in metrics["distortion"].items() if k != "per_set"}, step=None)

@@ -19,6 +19,7 @@ from components.common import (
     tracked,
     write_json,
 )
+from components.outputs import check_outputs
 from components.params import Params
 from components.publish import publish_model
 
@@ -61,9 +62,14 @@ def run(
     data_dir: str | Path,
     out_dir: str | Path,
     curves_out: str | Path | None = None,
+    resume: str = "auto",
 ) -> dict[str, Any]:
+    from daft_core.atomic import recover
+    from daft_core.data.checks import check_labels_fit
     from daft_core.models import load_model
-    from daft_core.training import CheckpointMismatchError, finetune
+    from daft_core.training import finetune
+
+    check_outputs("finetune", dirs=[out_dir], files=[curves_out], inputs=[model_in, data_dir])
 
     timer = Timer()
     recipe = params.recipe(method)
@@ -84,31 +90,24 @@ def run(
         probe_head = model.head if recipe.head_init == "probe" else None
         # A stable place for the resumable checkpoint, so a killed run continues where it stopped.
         resume_dir = Path(out_dir).parent / f".{Path(out_dir).name}.resume"
+        recover(resume_dir / "last.pt")  # torn temporaries of a checkpoint write a kill interrupted
 
         def on_epoch(record: dict[str, Any]) -> None:
             tracker.log_epoch(record)
 
-        def train() -> Any:
-            return finetune(
-                model,
-                bundle.train,
-                bundle.val,
-                recipe,
-                config,
-                probe_head=probe_head,
-                bn_converted=bn_converted,
-                checkpoint_dir=resume_dir,
-                callback=on_epoch,
-            )
-
-        try:
-            result = train()
-        except CheckpointMismatchError as e:
-            log.warning("discarding a resume checkpoint from another configuration (%s)", e)
-            shutil.rmtree(resume_dir, ignore_errors=True)
-            model = load_model(model_file(model_in))
-            probe_head = model.head if recipe.head_init == "probe" else None
-            result = train()
+        check_labels_fit(model.num_classes, bundle, str(model_file(model_in)), data_where=str(data_dir))
+        result = finetune(
+            model,
+            bundle.train,
+            bundle.val,
+            recipe,
+            config,
+            probe_head=probe_head,
+            bn_converted=bn_converted,
+            checkpoint_dir=resume_dir,
+            callback=on_epoch,
+            resume=resume,  # a checkpoint of another run (or a corrupt one): set aside (auto) or fail (must)
+        )
         summary = {
             "method": method,
             "best_epoch": result.best_epoch,
@@ -156,8 +155,15 @@ def _main(argv: Sequence[str] | None) -> None:
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--out", required=True, help="output directory (model.pt, last.pt, history.json)")
     p.add_argument("--curves", default=None, help="per-epoch history JSON for DVC plots")
+    p.add_argument(
+        "--resume",
+        choices=("auto", "must", "never"),
+        default="auto",
+        help="a resume checkpoint from another run or an unreadable one: set it aside and start fresh "
+        "(auto, the default), fail (must), or always start fresh (never)",
+    )
     args = p.parse_args(argv)
-    run(params_from_args(args), args.method, args.model, args.data, args.out, args.curves)
+    run(params_from_args(args), args.method, args.model, args.data, args.out, args.curves, args.resume)
 
 
 main = cli(_main)

@@ -17,6 +17,7 @@ from components.common import (
     resolve_device,
     tracked,
 )
+from components.outputs import check_outputs
 from components.params import Params
 from components.publish import publish_model
 
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    check_outputs("linear_probe", dirs=[out_dir], inputs=[model_in, data_dir])
     import numpy as np
     import torch
 
     from daft_core.data import iterate_batches
+    from daft_core.data.checks import check_labels_fit
     from daft_core.models import load_model
     from daft_core.probe import extract_features, fit_linear_probe
 
@@ -38,6 +41,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
     ) as tracker:
         bundle = load_data(data_dir, tracker, "training")
         source = load_model(model_file(model_in))
+        check_labels_fit(source.num_classes, bundle, str(model_file(model_in)), data_where=str(data_dir))
         device = resolve_device(lp.device)
         source.to(device)
         feats = {}
@@ -72,6 +76,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             out_dir,
             source,
             stage="linear_probe",
+            step="linear_probe",
             method="lp",
             alias_of="linear_probe",
             bundle=bundle,

@@ -2,17 +2,32 @@
 
 Every step reads its own section. Validation is strict (unknown keys, wrong types and out-of-range values
 are errors naming the key) because a typo in a YAML key would otherwise silently fall back to a default
-and produce a run that looks valid but is not the one the user asked for.
+and produce a run that looks valid but is not the one the user asked for. In the same spirit: integers
+and booleans are strict (``epochs: true`` is not 1, ``"yes"`` / ``1`` are not booleans), every float must
+be finite (``lr: .inf`` / ``.nan`` are refused), an empty params file is refused instead of meaning "all
+defaults", and the YAML reader refuses aliases and files over :data:`MAX_PARAMS_BYTES` (params files never
+need them; a "billion laughs" alias bomb would otherwise expand in memory and into the error message).
+Values echoed in error messages are cut to :data:`MAX_ECHO_CHARS` characters.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from daft_core.methods import FINETUNED_METHODS, get_recipe
 
@@ -21,37 +36,60 @@ if TYPE_CHECKING:
 
 DEFAULT_PARAMS = Path("params.yaml")
 FINETUNE_METHODS = FINETUNED_METHODS  # the catalogue's fine-tuned methods (daft_core.methods)
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few KB; refuse anything over 1 MiB before parsing it
+MAX_ECHO_CHARS = 200  # an input value echoed in an error message is cut to this many characters
+MAX_REPORTED_ERRORS = 20  # validation errors listed in one message (the rest are counted)
 
 
 class ParamsError(ValueError):
     """params.yaml (or an override) is invalid; the message names the key."""
 
 
+def _not_a_bool(v: Any) -> Any:
+    """YAML `true` / `false` are not numbers (pydantic would otherwise read `lr: true` as 1.0)."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+    return v
+
+
+# Strict integers: a bool, a float (3.0) or a string ("3") is not an int. Floats stay lax so `1e-3` (which
+# PyYAML reads as a string) still parses, but a bool is refused and every float must be finite
+# (`allow_inf_nan=False` in `_Strict`). Booleans are StrictBool: `"yes"` or `1` is not a bool.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PipelineParams(_Strict):
     experiment: str = Field("daft", min_length=1)
     registered_model: str = Field("daft-digits", min_length=1)
-    tracking: bool = True
+    tracking: StrictBool = True
 
 
 class DataParams(_Strict):
     preset: Literal["digits", "imagefolder", "cifar10"] = "digits"
-    seed: int = Field(0, ge=0)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    printed_per_class: int = Field(60, ge=1, le=10_000)
+    seed: Int = Field(0, ge=0)
+    val_fraction: Float = Field(0.2, gt=0, lt=1)
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    printed_per_class: Int = Field(60, ge=1, le=10_000)
     root: str | None = None
     id_train: str | None = None
     id_val: str | None = None
     id_test: str | None = None
     ood: dict[str, str] = Field(default_factory=dict)
     extra_ood: dict[str, str] = Field(default_factory=dict)
-    image_size: int = Field(64, ge=8, le=1024)
-    grayscale: bool = False
+    image_size: Int = Field(64, ge=8, le=1024)
+    grayscale: StrictBool = False
     on_bad_image: Literal["error", "skip"] = "error"
+    # Image folders: a symlink (file or folder) that resolves outside the data folder is refused unless this
+    # is true; links inside it are always fine.
+    follow_symlinks: StrictBool = False
+    # Image folders: an image with more pixels than this (width x height, read from the header before
+    # decoding) is an error naming the file; also PIL's decompression-bomb limit while reading.
+    max_pixels: Int = Field(40_000_000, ge=1, le=2_000_000_000)
 
     @model_validator(mode="after")
     def _fractions(self) -> DataParams:
@@ -70,19 +108,19 @@ class DataParams(_Strict):
 class ModelParams(_Strict):
     name: str = Field("efficientnet_lite0", min_length=1)
     weights: str | None = "imagenet"
-    input_size: int = Field(64, ge=16, le=1024)
+    input_size: Int = Field(64, ge=16, le=1024)
 
 
 class ConvertParams(_Strict):
     stats: Literal["batch_mean", "population"] = "batch_mean"
-    batch_size: int = Field(128, ge=1)
+    batch_size: Int = Field(128, ge=1)
 
 
 class ProbeParams(_Strict):
-    num_cs: int = Field(50, ge=1, le=500)
-    c_min: float = Field(1e-7, gt=0)
-    c_max: float = Field(1e2, gt=0)
-    batch_size: int = Field(256, ge=1)
+    num_cs: Int = Field(50, ge=1, le=500)
+    c_min: Float = Field(1e-7, gt=0)
+    c_max: Float = Field(1e2, gt=0)
+    batch_size: Int = Field(256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -93,9 +131,9 @@ class ProbeParams(_Strict):
 
 
 class AugmentParams(_Strict):
-    hflip: bool = False
-    random_resized_crop: bool = True
-    scale: tuple[float, float] = (0.7, 1.0)
+    hflip: StrictBool = False
+    random_resized_crop: StrictBool = True
+    scale: tuple[Float, Float] = (0.7, 1.0)
 
     @field_validator("scale")
     @classmethod
@@ -109,10 +147,11 @@ class MethodParams(_Strict):
     """One fine-tuning branch. `lr` sets both groups; `head_lr`/`backbone_lr` override per group."""
 
     start: Literal["pretrained", "bn_converted", "linear_probe"]
-    lr: float | None = Field(None, ge=0)
-    head_lr: float | None = Field(None, ge=0)
-    backbone_lr: float | None = Field(None, ge=0)
-    epochs: int | None = Field(None, ge=0, le=10_000)
+    lr: Float | None = Field(None, ge=0)
+    head_lr: Float | None = Field(None, ge=0)
+    backbone_lr: Float | None = Field(None, ge=0)
+    # 0 epochs would publish the starting model as "fine-tuned": at least one
+    epochs: Int | None = Field(None, ge=1, le=10_000)
 
     def with_lrs(
         self, lr: float | None = None, head_lr: float | None = None, backbone_lr: float | None = None
@@ -138,13 +177,13 @@ def resolve_lrs(
 
 
 class FinetuneParams(_Strict):
-    epochs: int = Field(6, ge=0, le=10_000)
-    batch_size: int = Field(64, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
+    epochs: Int = Field(6, ge=1, le=10_000)  # 0 would publish the starting model as "fine-tuned"
+    batch_size: Int = Field(64, ge=1)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(0.0, ge=0)
+    seed: Int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
+    compile: StrictBool = False
     # channels_last is ~20% faster for EfficientNet's depthwise convs on CPU too (measured), same accuracy.
     channels_last: Literal["auto", "on", "off"] = "on"
     augment: AugmentParams = AugmentParams()
@@ -166,7 +205,7 @@ class FinetuneParams(_Strict):
 
 
 class EvaluateParams(_Strict):
-    batch_size: int = Field(256, ge=1)
+    batch_size: Int = Field(256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -215,15 +254,59 @@ class Params(_Strict):
         return params_from_dict(raw, f"finetune.methods.{name} (learning rates)")
 
 
+def _clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was left out (echoed input stays readable)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _echo(value: Any) -> str:
+    """repr of an input value for an error message, bounded in size even for a huge nested value."""
+    if isinstance(value, (dict, list, tuple)) and len(value) > MAX_ECHO_CHARS:
+        return f"a {type(value).__name__} of {len(value)} items"
+    return _clip(_one_line(repr(value)))
+
+
+def _one_line(text: str) -> str:
+    """Newlines (PyYAML's error marks) folded so the step's `error:` line stays one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid parameters in {source}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+    """One line: `invalid parameters in <source>: <key>: <what> (got <value>); <key>: ...`."""
+    errors = err.errors()
+    lines = []
+    for e in errors[:MAX_REPORTED_ERRORS]:
+        key = _clip(".".join(str(p) for p in e["loc"]))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and its section)"
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
-    return "\n".join(lines)
+        got = f" (got {_echo(e['input'])})" if e["type"] != "extra_forbidden" else ""
+        lines.append(f"{key}: {_clip(_one_line(msg))}{got}")
+    if len(errors) > MAX_REPORTED_ERRORS:
+        lines.append(f"... and {len(errors) - MAX_REPORTED_ERRORS} more errors")
+    return f"invalid parameters in {_clip(source)}: " + "; ".join(lines)
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases (`*name`): params never need them, and nested aliases
+    (a "billion laughs" document) expand exponentially in memory and in any message that echoes them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"found the alias *{_clip(str(event.anchor), 40)}; params files may not use YAML "
+                "anchors/aliases (write the value out)",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _safe_yaml(text: Any) -> Any:
+    """YAML from a string or an open file (whose name then appears in the error marks)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no arbitrary objects
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -232,7 +315,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ParamsError(f"override {dotted!r}: {p!r} is not a section")
+            raise ParamsError(f"override {_clip(dotted)!r}: {_clip(p)!r} is not a section")
     node[parts[-1]] = value
 
 
@@ -250,7 +333,14 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ParamsError(f"override {pair!r} must look like key.sub=value")
         key, raw = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        if len(raw) > MAX_PARAMS_BYTES:
+            raise ParamsError(f"override {_clip(key.strip())!r}: value longer than {MAX_PARAMS_BYTES} bytes")
+        try:
+            out[key.strip()] = _safe_yaml(raw)
+        except yaml.YAMLError as err:
+            raise ParamsError(
+                f"override {_clip(pair)!r}: not a valid YAML value: {_clip(_one_line(err))}"
+            ) from None
     return out
 
 
@@ -266,12 +356,29 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} not found; run from the project root or pass --params PATH")
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(
+            f"params file {path} is {size} bytes, over the {MAX_PARAMS_BYTES}-byte limit for a params file; "
+            "is it the right file? (params.yaml is a few KB)"
+        )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+        with path.open(encoding="utf-8") as f:
+            raw = _safe_yaml(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path} is not valid YAML: {_clip(_one_line(err), 4 * MAX_ECHO_CHARS)}") from None
+    expected = (
+        f"expected a mapping of sections ({', '.join(Params.model_fields)}) like the project's params.yaml"
+    )
+    if raw is None or raw == {}:
+        raise ParamsError(
+            f"params file {path} is empty (or holds only comments); {expected}: an empty file would silently "
+            "run every default"
+        )
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+        raise ParamsError(
+            f"params file {path} must hold a mapping of sections, got {type(raw).__name__}; {expected}"
+        )
     return params_from_dict(apply_overrides(raw, overrides), str(path))
 
 

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from components.common import Timer, base_parser, cli, params_from_args, tracked, write_json
+from components.outputs import check_output_dir, check_outputs, write_marker
 from components.params import Params
+from daft_core.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
 
 def preset_kwargs(params: Params) -> dict[str, Any]:
+    d = params.data
+    # every preset: they also apply to `extra_ood` folders
+    safety = {"follow_symlinks": d.follow_symlinks, "max_pixels": d.max_pixels}
+    return {**safety, **_builder_kwargs(params)}
+
+
+def _builder_kwargs(params: Params) -> dict[str, Any]:
     d = params.data
     if d.preset == "digits":
         train = 1.0 - d.val_fraction - d.test_fraction
@@ -36,6 +46,7 @@ def preset_kwargs(params: Params) -> dict[str, Any]:
 
 
 def run(params: Params, out_dir: str | Path) -> dict[str, Any]:
+    check_outputs("prepare_data", dirs=[out_dir])
     from daft_core.data import load_preset, save_bundle
 
     timer = Timer()
@@ -45,7 +56,14 @@ def run(params: Params, out_dir: str | Path) -> dict[str, Any]:
         bundle = load_preset(
             d.preset, seed=d.seed, root=d.root, extra_ood=dict(d.extra_ood) or None, **preset_kwargs(params)
         )
-        manifest = save_bundle(bundle, out_dir)
+        check_output_dir(out_dir, "prepare_data")  # again, in case it changed meanwhile
+        with atomic_dir(out_dir) as tmp:  # the bundle and its marker land in one rename
+            staged = tmp / "bundle"
+            manifest = save_bundle(bundle, staged)
+            for entry in staged.iterdir():
+                os.replace(entry, tmp / entry.name)
+            staged.rmdir()
+            write_marker(tmp, "prepare_data")
         counts = {"id_train": len(bundle.train), "id_val": len(bundle.val), "id_test": len(bundle.test)}
         counts.update({f"ood.{k}": len(v) for k, v in bundle.ood.items()})
         tracker.log_metrics({f"count.{k}": v for k, v in counts.items()})
@@ -59,6 +77,7 @@ def _main(argv: Sequence[str] | None) -> None:
     p.add_argument("--out", required=True, help="directory for the prepared dataset")
     p.add_argument("--summary", default=None, help="optional JSON file for the counts")
     args = p.parse_args(argv)
+    check_outputs("prepare_data", dirs=[args.out], files=[args.summary])
     result = run(params_from_args(args), args.out)
     if args.summary:
         write_json(args.summary, result)

@@ -16,6 +16,7 @@ from components.common import (
     params_from_args,
     tracked,
 )
+from components.outputs import check_outputs
 from components.params import Params
 from components.publish import publish_model
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    check_outputs("pretrained", dirs=[out_dir], inputs=[data_dir])
     import torch
 
     from daft_core.models import build_model, count_batchnorm
@@ -54,6 +56,7 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, 
             out_dir,
             model,
             stage="pretrained",
+            step="pretrained",
             method="pretrained",
             alias_of="pretrained",
             bundle=bundle,

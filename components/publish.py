@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from components.common import MODEL_FILE, write_json
+from components.outputs import check_output_dir, write_marker
 from components.params import Params
 from daft_core.atomic import atomic_dir
 from daft_core.methods import alias_for
+
+STEP_OF_STAGE = {"bn_converted": "convert_bn"}  # the step writing each stage's folder, where names differ
 
 
 def input_example(bundle: Any, n: int = 2):
@@ -41,16 +44,22 @@ def publish_model(
     reports: Mapping[str, Any] | None = None,
     files: Mapping[str, str | os.PathLike[str]] | None = None,
     source: str | None = None,
+    step: str | None = None,
 ) -> str | None:
     """The tail of every model-producing step: write `out_dir` atomically, then log and register the model.
 
     `out_dir` gets ``model.pt`` (with `extra`), one JSON file per entry of `reports` and the `files` moved
     in under their names. The registered version gets the alias of `alias_of` (a stage or method) and
     `source` (the stage the input model came from) as its lineage. Returns the version (None untracked).
+    The folder is marked as `step`'s output (default: the step of `stage`); the step checked `out_dir` up
+    front (components.outputs.check_outputs), and it is checked again here in case it changed meanwhile.
     """
     from daft_core.models import save_model
 
+    step = step or STEP_OF_STAGE.get(stage, stage)
+    check_output_dir(out_dir, step)
     with atomic_dir(out_dir) as tmp:
+        write_marker(tmp, step)
         save_model(model, tmp / MODEL_FILE, extra=dict(extra))
         for name, obj in (reports or {}).items():
             write_json(tmp / name, obj)

@@ -17,12 +17,16 @@ from components.common import (
     tracked,
     write_json,
 )
+from components.outputs import check_output_dir, check_outputs, write_marker
 from components.params import Params
 from daft_core.atomic import atomic_dir
 from daft_core.methods import alias_for, display_order
 from daft_core.selection import select_best
 
 log = logging.getLogger(__name__)
+
+PLOTS = ("id_vs_ood.png", "ood_accuracy.png", "distortion.png")
+REPORT_FILES = ("table.md", "summary.json", "accuracy.json", *PLOTS)  # what run() writes into --out
 
 
 def collect(metrics_dir: str | Path) -> list[dict[str, Any]]:
@@ -110,6 +114,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    check_outputs("report", dirs=[out_dir], inputs=[metrics_dir], known=REPORT_FILES)
     timer = Timer()
     with tracked(params, "report", {}) as tracker:
         rows = collect(metrics_dir)
@@ -136,12 +141,14 @@ def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[st
             }
             for r in rows
         ]
+        check_output_dir(out_dir, "report", known=REPORT_FILES)  # again, in case it changed meanwhile
         with atomic_dir(out_dir) as tmp:
+            write_marker(tmp, "report")
             (tmp / "table.md").write_text(table)
             write_json(tmp / "summary.json", summary)
             write_json(tmp / "accuracy.json", accuracy_points)
             plot(rows, tmp)
-        for png in ("id_vs_ood.png", "ood_accuracy.png", "distortion.png"):
+        for png in PLOTS:
             tracker.log_artifact(str(Path(out_dir) / png))
         tracker.log_artifact(str(Path(out_dir) / "table.md"))
         if params.pipeline.tracking:

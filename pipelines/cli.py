@@ -5,7 +5,13 @@
                 `dvc repro` puts them (metrics/methods/*.json, reports/) under --out
     submit      compile and create a run on a Kubeflow Pipelines host (kfp.Client; KF_PIPELINES_ENDPOINT)
 
-Exit status: 0 on success, 2 on a usage / connection / authentication / pipeline error (one clear line).
+Exit status: 0 on success, 2 on a usage / connection / authentication / pipeline error (one clear line,
+credentials masked), 130 on Ctrl-C, 1 on an unexpected error (a bug: traceback shown).
+
+A tracking URI carrying credentials (``http://user:pass@host``, ``?token=...``) is refused: the compiled YAML,
+the run's arguments on the Kubeflow server and kfp.local's files would store it in plain text. The steps
+read MLflow credentials from the ``daft-mlflow-credentials`` Kubernetes secret
+(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, wired as environment variables).
 """
 
 from __future__ import annotations
@@ -85,9 +91,35 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+MLFLOW_SECRET = "daft-mlflow-credentials"
+
+
+def refuse_credentials(uri: str, where: str, *, local: bool = False) -> None:
+    """CliError when the tracking URI `uri` (given as `where`) carries credentials."""
+    from components.tracking.redaction import has_credentials
+    from components.tracking.retries import redact_uri
+
+    if not uri or not has_credentials(uri):
+        return
+    if local:
+        fix = (
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+        )
+    else:
+        fix = (
+            f"put them in the Kubernetes secret `{MLFLOW_SECRET}` (keys MLFLOW_TRACKING_USERNAME, "
+            "MLFLOW_TRACKING_PASSWORD; every step already reads it as environment variables)"
+        )
+    raise CliError(
+        f"{where} {redact_uri(uri)} contains credentials, which would be stored in plain text in the "
+        f"pipeline; pass the URI without them and {fix}"
+    )
+
+
 def build_options(args: argparse.Namespace, *, local: bool = False):  # -> PipelineOptions
     from pipelines.pipeline import DEFAULT_SWEEP, PipelineOptions, merge_resources
 
+    refuse_credentials(args.tracking_uri, "--tracking-uri", local=local)
     platform = _load_yaml(args.platform) if args.platform else {}
     gpu = platform.get("gpu") or {}
     retries = platform.get("retries") or {}
@@ -137,7 +169,9 @@ def load_params_for(args: argparse.Namespace):  # -> Params
     return load_params(args.params, parse_overrides(args.set))
 
 
-def parse_pipeline_args(pairs: Sequence[str], signature: inspect.Signature) -> dict[str, Any]:
+def parse_pipeline_args(
+    pairs: Sequence[str], signature: inspect.Signature, *, local: bool = False
+) -> dict[str, Any]:
     """`--param k=v` against the pipeline's parameters: strings stay strings, others are parsed as YAML."""
     import yaml
 
@@ -159,6 +193,8 @@ def parse_pipeline_args(pairs: Sequence[str], signature: inspect.Signature) -> d
         if annotation is not Any and not isinstance(value, annotation):
             raise CliError(f"--param {name}: expected {annotation.__name__}, got {raw!r}")
         out[name] = value
+    if isinstance(out.get("tracking_uri"), str):
+        refuse_credentials(out["tracking_uri"], "--param tracking_uri", local=local)
     return out
 
 
@@ -250,7 +286,7 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     params = load_params_for(args)
     opts = build_options(args, local=True)
     signature = inspect.signature(build_pipeline(params, replace(opts, local=True)).pipeline_func)
-    arguments = parse_pipeline_args(args.param, signature)
+    arguments = parse_pipeline_args(args.param, signature, local=True)
     summary = run_local(
         params,
         opts,
@@ -405,12 +441,31 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("DAFT_LOG_LEVEL", "INFO").upper(), stream=sys.stderr)
-    args = parser().parse_args(argv)
-    from components.params import ParamsError
+    from components.common import (
+        EXIT_BUG,
+        EXIT_ERROR,
+        EXIT_INTERRUPTED,
+        describe_error,
+        print_error,
+        report_bug,
+    )
+    from components.tracking.redaction import install_log_redaction
 
+    logging.basicConfig(level=os.environ.get("DAFT_LOG_LEVEL", "INFO").upper(), stream=sys.stderr)
+    install_log_redaction()
+    args = parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ParamsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted. Fix: rerun the command.")
+        return EXIT_INTERRUPTED
+    except CliError as e:
+        print_error(str(e))
+        return EXIT_ERROR
+    except Exception as e:
+        message = describe_error(e, list(argv) if argv is not None else sys.argv[1:])
+        if message is None:
+            report_bug(e)
+            return EXIT_BUG
+        print_error(message)
+        return EXIT_ERROR

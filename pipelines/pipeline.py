@@ -219,8 +219,14 @@ def sweep_parameter_name(method: str) -> str:
 def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # -> kfp GraphComponent
     """The pipeline for `params` (its defaults) and `opts` (image, platform settings, sweep)."""
     from components.params import params_to_json
+    from components.tracking.redaction import has_credentials
 
     opts = opts or PipelineOptions()
+    if has_credentials(opts.tracking_uri):  # it would be stored in plain text in the compiled pipeline
+        raise ValueError(
+            "the tracking URI carries credentials; pass it without them and put them in the Kubernetes "
+            "secret daft-mlflow-credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+        )
     if not params.finetune.methods:
         raise ValueError("finetune.methods is empty: the pipeline needs at least one fine-tuning method")
     dag = _Dag(params, opts)

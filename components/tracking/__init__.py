@@ -8,9 +8,10 @@ Layout in MLflow (one experiment per pipeline, ``pipeline.experiment`` in params
       ├── finetune[daft]              daft.pipeline_run_id; params, per-epoch metrics, dataset inputs,
       └── ...                         artifacts and logged models
 
-Modules: ``identity`` (store URI, pipeline run id, data digest, tag names), ``retries`` (bounded retries,
-TrackingError), ``registry`` (aliases), ``runs`` (experiment, parent run), ``values`` (MLflow-safe
-values), ``tracker`` (step_run, StepTracker). Names are re-exported here for reading and calling; to
+Modules: ``identity`` (store URI, pipeline run id, data digest, tag names), ``retries`` (retries within a
+total deadline, write-conflict retries, TrackingError), ``redaction`` (credentials out of messages and
+logs), ``registry`` (aliases), ``runs`` (experiment, parent run), ``values`` (MLflow-safe values),
+``tracker`` (step_run, StepTracker). Names are re-exported here for reading and calling; to
 monkeypatch a setting (e.g. ``RETRY_BACKOFF_S``), patch the module that defines it.
 """
 
@@ -26,21 +27,29 @@ from components.tracking.identity import (
     data_digest,
     pipeline_run_id,
     repo_root,
+    store_root,
     tracking_uri,
 )
+from components.tracking.redaction import has_credentials, install_log_redaction, redact
 from components.tracking.registry import set_alias, version_for_alias
 from components.tracking.retries import (
+    CONFLICT_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
     HTTP_ENV_DEFAULTS,
     RETRY_ATTEMPTS,
     RETRY_BACKOFF_S,
+    TIMEOUT_ENV,
     TrackingError,
     check_reachable,
+    tracking_timeout_s,
 )
 from components.tracking.tracker import MAX_DATASET_DIGEST, StepTracker, step_run
 from components.tracking.values import MAX_PARAM_VALUE
 
 __all__ = [
+    "CONFLICT_ATTEMPTS",
     "DATA_DIGEST_TAG",
+    "DEFAULT_TIMEOUT_S",
     "HTTP_ENV_DEFAULTS",
     "MAX_DATASET_DIGEST",
     "MAX_PARAM_VALUE",
@@ -53,14 +62,20 @@ __all__ = [
     "ROOT_MARKERS",
     "SOURCE_PATHS",
     "STEP_TAG",
+    "TIMEOUT_ENV",
     "StepTracker",
     "TrackingError",
     "check_reachable",
     "data_digest",
+    "has_credentials",
+    "install_log_redaction",
     "pipeline_run_id",
+    "redact",
     "repo_root",
     "set_alias",
     "step_run",
+    "store_root",
+    "tracking_timeout_s",
     "tracking_uri",
     "version_for_alias",
 ]

@@ -38,15 +38,48 @@ def repo_root(start: str | os.PathLike[str] | None = None) -> Path:
     return here
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo root>/mlflow.db``.
+# `dvc exp run --temp` / `--queue` run the stages in a copy of the repository under this folder of the real
+# one, and delete the copy afterwards.
+DVC_EXP_WORKSPACES = (".dvc", "tmp", "exps")
+DVC_EXP_ENV = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")  # set by DVC for the stages of an experiment
 
-    The default is anchored at the repo root, not the cwd, so every step of a repro shares one store.
+
+def store_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """Where the default tracking store lives: the repo root, or the *real* one when DVC runs the stage in
+    a temporary experiment workspace (``dvc exp run --temp`` / ``--queue``).
+
+    Those workspaces are copies at ``<root>/.dvc/tmp/exps/[standalone/]tmpXXXX``, deleted when the
+    experiment ends: a store inside one would be deleted with it (runs, registered versions, artifacts
+    lost). Detected from the path (DVC 3 layout), or from DVC's environment (``DVC_ROOT`` is the real
+    root while ``DVC_EXP_NAME`` is set) when the layout changes.
+    """
+    root = repo_root(start)
+    parts = root.parts
+    n = len(DVC_EXP_WORKSPACES)
+    for i in range(len(parts) - n, 0, -1):
+        if parts[i : i + n] == DVC_EXP_WORKSPACES:
+            real = Path(*parts[:i])
+            if any((real / m).is_file() for m in ROOT_MARKERS):
+                return real
+    dvc_root = os.environ.get("DVC_ROOT", "").strip()
+    if dvc_root and any(os.environ.get(k) for k in DVC_EXP_ENV):
+        real = Path(dvc_root).resolve()
+        if real != root and (real / ".dvc") in root.parents:
+            return real
+    return root
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<store root>/mlflow.db``.
+
+    The default is anchored at the repo root, not the cwd, so every step of a repro shares one store; in a
+    DVC experiment's temporary workspace, at the real repository's root (:func:`store_root`), so the
+    experiment's runs outlive the workspace.
     """
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if env:
         return env
-    return f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(store_root() / 'mlflow.db').as_posix()}"
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes] | None:

@@ -16,7 +16,8 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from components.tracking.identity import PARENT_TAG, PIPELINE_ID_ENV, ROLE_TAG
-from components.tracking.retries import retry
+from components.tracking.redaction import redact
+from components.tracking.retries import bounded_http, retry, tracking_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +93,42 @@ def global_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = prev_env
 
 
+# When the step already failed, ending its runs is best effort and must not hold up the step's own error
+# (a dead server would otherwise cost the full budget twice more).
+FAILED_END_BUDGET_S = 5.0
+
+
 def end_runs(client: Any, uri: str, run_id: str, parent_id: str, status: str) -> None:
     """Terminate the step's run and the parent (which shows the latest step's outcome and end time).
 
-    When the step already failed, a tracking error here is only logged, so the step's own error surfaces.
+    When the step already failed, a tracking error here is only logged, so the step's own error surfaces,
+    and both calls share a short budget (:data:`FAILED_END_BUDGET_S`).
     """
     import mlflow
 
     end = int(time.time() * 1000)
+    budget = None if status == "FINISHED" else min(FAILED_END_BUDGET_S, tracking_timeout_s())
+    deadline = time.monotonic() + (budget or 0)
+
+    def left() -> float | None:
+        return None if budget is None else max(0.5, deadline - time.monotonic())
+
     try:
-        retry(uri, "end run", lambda: client.set_terminated(run_id, status, end_time=end))
-        retry(uri, "end parent run", lambda: client.set_terminated(parent_id, status, end_time=end))
-    except Exception:
+        retry(uri, "end run", lambda: client.set_terminated(run_id, status, end_time=end), budget_s=left())
+        retry(
+            uri,
+            "end parent run",
+            lambda: client.set_terminated(parent_id, status, end_time=end),
+            budget_s=left(),
+        )
+    except Exception as err:
         if status == "FINISHED":
             raise
-        log.exception("could not mark MLflow run %s as %s", run_id, status)  # keep the step's own error
+        # Logged, not raised: the step's own error is the one to report.
+        log.error("could not mark MLflow run %s as %s: %s", run_id, status, redact(err))
     finally:
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run_id:
-            with suppress(Exception):  # already terminated above; this only pops the fluent run stack
+            # Already terminated above; this only pops the fluent run stack (its request is bounded too).
+            with suppress(Exception), bounded_http(2):
                 mlflow.end_run(status)

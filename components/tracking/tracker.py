@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,10 +33,10 @@ from components.tracking.identity import (
     ROLE_TAG,
     STEP_TAG,
     data_digest,
-    repo_root,
+    store_root,
     tracking_uri,
 )
-from components.tracking.retries import mlflow_client, redact_uri, retry
+from components.tracking.retries import TrackingError, bounded_http, mlflow_client, redact_uri, retry
 from components.tracking.runs import end_runs, ensure_experiment, find_or_create_parent, global_uri
 from components.tracking.values import as_number, flatten, param_value, safe_name, to_numpy
 
@@ -246,6 +246,17 @@ def _dataset_source(data_dir: str | os.PathLike[str]) -> Any:
         return HTTPDatasetSource(url=s)
 
 
+def _run_link(uri: str, exp_id: str, run_id: str) -> str:
+    """Where to look at the run: the UI link for a server (credentials removed), else the store URI.
+
+    Stands in for MLflow's own "View run ... at: <uri>" line, which would print the URI's credentials and
+    is switched off (:func:`~components.tracking.redaction.install_log_redaction`)."""
+    safe = redact_uri(uri)
+    if safe.startswith(("http://", "https://")):
+        return f"{safe.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+    return safe
+
+
 @contextmanager
 def step_run(
     step: str,
@@ -274,9 +285,10 @@ def step_run(
     t0 = time.monotonic()
     retry(uri, "connect", lambda: client.search_experiments(max_results=1))
     # With the default sqlite store, artifacts go next to it (<repo>/mlartifacts, git-ignored) whatever the
-    # cwd; with a server, its own artifact root (e.g. --artifacts-destination s3://...) applies.
+    # cwd, and in a DVC experiment's temporary workspace next to the real repository's store; with a server,
+    # its own artifact root (e.g. --artifacts-destination s3://...) applies.
     default_store = not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    location = (repo_root() / "mlartifacts").as_uri() if default_store else None
+    location = (store_root() / "mlartifacts").as_uri() if default_store else None
     exp_id = ensure_experiment(client, uri, experiment, location)
     parent_id = find_or_create_parent(client, uri, exp_id, pipeline_id)
     run_name = f"{step}[{method}]" if method else step
@@ -305,7 +317,7 @@ def step_run(
         run_id,
         run_name,
         parent_id,
-        redact_uri(uri),
+        _run_link(uri, exp_id, run_id),
         time.monotonic() - t0,
     )
     status = "FAILED"
@@ -313,9 +325,20 @@ def step_run(
         # Also the fluent active run, so mlflow.* calls inside the step (log_model) land in this run.
         nested = mlflow.active_run() is not None
         retry(uri, "start run", lambda: mlflow.start_run(run_id=run_id, nested=nested))
+        server_gone = False
         try:
             tracker.log_params(params)
             yield tracker
             status = "FINISHED"
+        except TrackingError as err:
+            server_gone = err.unreachable
+            raise
         finally:
-            end_runs(client, uri, run_id, parent_id, status)
+            if server_gone:
+                # Marking the run FAILED would only spend more time on a server that does not answer: the
+                # step fails within the tracking budget; the run stays RUNNING in MLflow.
+                log.warning("MLflow run %s left RUNNING: the tracking server stopped answering", run_id)
+                with suppress(Exception), bounded_http(1):
+                    mlflow.end_run("FAILED")  # pops the fluent run stack
+            else:
+                end_runs(client, uri, run_id, parent_id, status)

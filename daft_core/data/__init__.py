@@ -3,6 +3,7 @@
 Heavy dependencies (scikit-learn, matplotlib, PIL) are imported only inside the builders that need them.
 """
 
+from .checks import check_labels_fit
 from .format import (
     FORMAT_VERSION,
     DatasetBundle,
@@ -25,6 +26,7 @@ __all__ = [
     "ImageSet",
     "available_presets",
     "bundle_digest",
+    "check_labels_fit",
     "iterate_batches",
     "load_bundle",
     "load_preset",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .format import ImageSet
-from .splits import rng_for, stratified_split
+from .splits import check_split_sizes, rng_for, stratified_split
 
 DIGIT_CLASSES = [str(d) for d in range(10)]
 NUM_DIGITS_IMAGES = 1797
@@ -64,6 +64,18 @@ def digits_id_splits(
 ) -> tuple[ImageSet, ImageSet, ImageSet, dict[str, Any]]:
     """Stratified train/val/test of the real digits; the split depends only on ``seed`` and ``fractions``."""
     images, labels = load_digits_arrays()
+    tr, va, te = (float(f) for f in fractions)
+    check_split_sizes(  # before splitting: every split needs every class
+        {c: int((labels == i).sum()) for i, c in enumerate(DIGIT_CLASSES)},
+        fractions,
+        ("id_train", "id_val", "id_test"),
+        source="digits preset",
+        setting=(
+            f"data.val_fraction={va:g} and data.test_fraction={te:g} (id_train keeps {tr:g}, "
+            f"id_val {va:g}, id_test {te:g})"
+        ),
+        fix="lower data.val_fraction and/or data.test_fraction (the digits preset has a fixed size)",
+    )
     idx = stratified_split(labels, fractions, rng_for(seed, "digits/id_split"))
     sets = [
         ImageSet.from_numpy(name, images[i], labels[i], DIGIT_CLASSES)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from daft_core.errors import DatasetFormatError
+
+MAX_SEARCHED_CLASS_SIZE = 100_000  # min_per_class stops looking here (only a message needs the number)
 
 
 def rng_for(seed: int, purpose: str) -> np.random.Generator:
@@ -51,6 +55,54 @@ def _apportion(n: int, fr: np.ndarray) -> np.ndarray:
             counts[k] += 1
             counts[0] -= 1
     return counts
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """How many of a class of ``n`` samples :func:`stratified_split` puts in each part."""
+    return _apportion(int(n), np.asarray(fractions, dtype=np.float64)).tolist()
+
+
+def min_per_class(fractions: Sequence[float]) -> int | None:
+    """The smallest class size for which every part with a non-zero fraction gets at least one sample
+    (``None`` when no size up to :data:`MAX_SEARCHED_CLASS_SIZE` does)."""
+    fr = np.asarray(fractions, dtype=np.float64)
+    wanted = fr > 0
+    for n in range(1, MAX_SEARCHED_CLASS_SIZE + 1):
+        if (_apportion(n, fr)[wanted] > 0).all():
+            return n
+    return None
+
+
+def check_split_sizes(
+    class_sizes: Mapping[str, int],
+    fractions: Sequence[float],
+    part_names: Sequence[str],
+    *,
+    source: str,
+    setting: str,
+    fix: str,
+) -> None:
+    """Raise :class:`DatasetFormatError` when a stratified split by ``fractions`` would leave a part
+    (``id_train``, ``id_val``, ...) without any sample of some class.
+
+    Run it *before* splitting: a class with one image would otherwise give an ``id_val`` without that class
+    (or an empty one) that only a later step rejects, or that silently scores the wrong thing.
+    ``class_sizes`` maps class name -> samples; ``source`` names the data (a folder or the preset),
+    ``setting`` the parameters that chose the fractions (e.g. ``data.val_fraction=0.2``), ``fix`` what to do.
+    """
+    fr = [float(f) for f in fractions]
+    for cls, n in class_sizes.items():
+        counts = split_counts(n, fr)
+        empty = [name for name, f, c in zip(part_names, fr, counts, strict=True) if f > 0 and c == 0]
+        if not empty:
+            continue
+        need = min_per_class(fr)
+        at_least = f"at least {need}" if need is not None else f"more than {MAX_SEARCHED_CLASS_SIZE}"
+        raise DatasetFormatError(
+            f"{source}: class {cls!r} has {n} image{'s' if n != 1 else ''}, too few to split by {setting}: "
+            f"{' and '.join(empty)} would get none of it; {at_least} images per class are needed for these "
+            f"fractions. Fix: {fix}"
+        )
 
 
 def resize_uint8(images: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -122,8 +122,18 @@ def _torch_load_local(path: Path, shown: str) -> Any:
             "(weights_only=True) understands, so it was not unpickled. "
             f"Details: {next((ln for ln in msg.splitlines() if 'Unsupported' in ln), msg.splitlines()[0])}"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {shown} as a torch checkpoint: {e}") from e
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as e:
+        # what torch's loader raises on bytes that are not a checkpoint (e.g. "pop from empty list")
+        raise CheckpointError(f"cannot read {shown} as a torch checkpoint: {type(e).__name__}: {e}") from e
 
 
 def _load_raw(path_or_uri: str | os.PathLike[str]) -> Any:

@@ -7,19 +7,25 @@ A method is a `Recipe` (data); this package only knows how to apply one. Modules
 """
 
 from daft_core.training.config import (
+    RESUME_MODES,
+    CheckpointError,
     CheckpointMismatchError,
     FinetuneConfig,
     FinetuneResult,
     NonFiniteLossError,
+    ResumeMode,
 )
 from daft_core.training.loop import finetune
 from daft_core.training.step import StepContext, make_step_context, run_train_steps, train_step
 
 __all__ = [
+    "RESUME_MODES",
+    "CheckpointError",
     "CheckpointMismatchError",
     "FinetuneConfig",
     "FinetuneResult",
     "NonFiniteLossError",
+    "ResumeMode",
     "StepContext",
     "finetune",
     "make_step_context",

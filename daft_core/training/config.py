@@ -11,16 +11,32 @@ import torch
 from torch import nn
 
 from daft_core.augment import AugmentConfig
+from daft_core.errors import CheckpointError
 
-__all__ = ["CheckpointMismatchError", "FinetuneConfig", "FinetuneResult", "NonFiniteLossError"]
+__all__ = [
+    "RESUME_MODES",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "NonFiniteLossError",
+    "ResumeMode",
+]
+
+ResumeMode = Literal["auto", "must", "never"]
+RESUME_MODES: tuple[str, ...] = ("auto", "must", "never")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; continuing would only corrupt the weights."""
 
 
-class CheckpointMismatchError(ValueError):
-    """``checkpoint_dir/last.pt`` belongs to a different run (recipe, config, data or model)."""
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """``checkpoint_dir/last.pt`` belongs to a different run (recipe, config, start weights or data).
+
+    Raised only with ``finetune(..., resume="must")``; "auto" sets such a file aside and starts over. A
+    `CheckpointError` (the pipeline's one error path catches it) and, as before, a ``ValueError``.
+    """
 
 
 @dataclass(frozen=True)

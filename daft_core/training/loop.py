@@ -3,7 +3,8 @@
 A method is a `Recipe` (data); the loop only applies it: set-up (`run.start_run`), then per epoch a
 shuffled training pass, validation, best-ID-val selection and, with a ``checkpoint_dir``, atomic resumable
 checkpoints. On CPU a run is bit-reproducible from its seed, and a killed run resumed from
-``checkpoint_dir/last.pt`` ends with exactly the weights an uninterrupted run would.
+``checkpoint_dir/last.pt`` ends with exactly the weights an uninterrupted run would. Only the same run
+resumes: ``last.pt`` carries a fingerprint of the recipe, config, start weights and data (`checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch import nn
 
 from daft_core.augment import to_float_resized
 from daft_core.devices import resolve_device
+from daft_core.faults import kill_point
 from daft_core.recipes import Recipe
-from daft_core.training.checkpoint import RunProgress, cpu_state, write_checkpoints
-from daft_core.training.config import FinetuneConfig, FinetuneResult
+from daft_core.training.checkpoint import RunProgress, check_resume_mode, cpu_state, write_checkpoints
+from daft_core.training.config import FinetuneConfig, FinetuneResult, ResumeMode
 from daft_core.training.run import FinetuneRun, start_run
 from daft_core.training.setup import batches, cuda_index, set_train_mode, validate_inputs
 from daft_core.training.step import autocast, current_lrs, run_train_steps
@@ -42,12 +44,24 @@ def finetune(
     bn_converted: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    resume: ResumeMode = "auto",
 ) -> FinetuneResult:
     """Fine-tune ``model`` (modified in place) on ``train`` with ``recipe``; select the best epoch on ``val``.
 
     ``train``/``val`` are ImageSets (uint8 images). With ``checkpoint_dir`` the run writes ``last.pt``
-    (resumable) and ``best.pt`` after every epoch, and resumes from an existing ``last.pt`` of the same run.
+    (resumable) and ``best.pt`` after every epoch, and resumes from an existing ``last.pt`` of the same run:
+    same recipe, config (all but ``eval_batch_size``), start weights (``model`` as given, and the probe head
+    of a "probe" recipe) and training/validation data. ``resume`` says what happens to a ``last.pt`` that
+    belongs to another run or cannot be read (truncated, not a torch file, incomplete):
+
+    - ``"auto"``: a warning naming the file and what differs (recipe / config / start weights / training or
+      validation data) or what is wrong with it; the file (and ``best.pt``) is renamed to
+      ``<name>.stale-<time>`` (only the newest such copy is kept) and the run starts fresh.
+    - ``"must"``: raise `CheckpointMismatchError` (another run) or `CheckpointError` (unreadable) naming the
+      file, before any training; the file is left alone. No ``last.pt`` at all still starts fresh.
+    - ``"never"``: delete any ``last.pt``/``best.pt`` there and start fresh.
     """
+    check_resume_mode(resume)
     validate_inputs(recipe, probe_head, train, val)
     device = resolve_device(config.device)
     fork_devices = [cuda_index(device)] if device.type == "cuda" else []
@@ -62,6 +76,7 @@ def finetune(
             probe_head=probe_head,
             bn_converted=bn_converted,
             checkpoint_dir=checkpoint_dir,
+            resume=resume,
         )
         try:
             return _fit(run, callback)
@@ -78,6 +93,7 @@ def _fit(run: FinetuneRun, callback: Callable[[dict[str, Any]], None] | None) ->
         progress.history.append(record)
         if run.checkpoint_dir is not None:
             write_checkpoints(run, run.checkpoint_dir)
+            kill_point("training.after_epoch_checkpoint")  # fault tests: die with last.pt just written
         logger.info("%s epoch %d/%d: %s", run.recipe.name, epoch, run.config.epochs, _fmt(record))
         if callback is not None:
             callback(dict(record))

@@ -21,11 +21,13 @@ from daft_core.training.checkpoint import (
     LAST_NAME,
     Generators,
     RunProgress,
+    cpu_state,
+    discard_unusable,
     fingerprint_data,
-    load_last,
-    resume,
+    open_last,
+    restore_progress,
 )
-from daft_core.training.config import FinetuneConfig
+from daft_core.training.config import FinetuneConfig, ResumeMode
 from daft_core.training.setup import (
     build_optimizer,
     convert_bn,
@@ -56,7 +58,7 @@ class FinetuneRun:
     size: int | tuple[int, int]  # training/validation input size
     drop_last: bool
     steps_per_epoch: int
-    fingerprint: dict[str, Any]
+    fingerprint: dict[str, Any] | None  # what last.pt must match (None without a checkpoint_dir)
     checkpoint_dir: Path | None
     conversion_report: dict[str, Any] | None  # from this process's BN conversion, if it ran one
     resumed_conversion_report: dict[str, Any] | None  # what a resumed ``last.pt`` recorded
@@ -70,6 +72,10 @@ class FinetuneRun:
         self.model.to(memory_format=torch.contiguous_format)
 
 
+class _ResumeFailed(Exception):
+    """A ``last.pt`` that matched the fingerprint but could not be put back into the live objects."""
+
+
 def start_run(
     model: nn.Module,
     train: Any,
@@ -81,20 +87,48 @@ def start_run(
     probe_head: nn.Linear | Mapping[str, torch.Tensor] | None,
     bn_converted: bool,
     checkpoint_dir: str | os.PathLike[str] | None,
+    resume: ResumeMode = "auto",
 ) -> FinetuneRun:
     """Seed, apply the recipe, and resume from ``checkpoint_dir/last.pt`` when it belongs to this run.
 
     Expects to run inside a forked RNG scope: it reseeds the global generators.
     """
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = ckpt = start_state = None
+    if ckpt_dir is not None:
+        # Before set-up touches the model: the fingerprint digests the start weights as given.
+        fingerprint = fingerprint_data(model, train, val, recipe, config, bn_converted, probe_head)
+        ckpt = open_last(ckpt_dir, fingerprint, resume)
+        if ckpt is not None:  # kept until the checkpoint is in, to start over if it does not fit
+            start_state = cpu_state(model)
+    args = (model, train, val, recipe, config, device, probe_head, bn_converted, fingerprint, ckpt_dir)
+    try:
+        return _build_run(*args, ckpt)
+    except _ResumeFailed as e:
+        assert ckpt_dir is not None and start_state is not None
+        model.load_state_dict(start_state)
+        discard_unusable(ckpt_dir, f"does not fit this run ({e})", resume)
+        return _build_run(*args, None)
+
+
+def _build_run(
+    model: nn.Module,
+    train: Any,
+    val: Any,
+    recipe: Recipe,
+    config: FinetuneConfig,
+    device: torch.device,
+    probe_head: Any,
+    bn_converted: bool,
+    fingerprint: dict[str, Any] | None,
+    ckpt_dir: Path | None,
+    ckpt: Mapping[str, Any] | None,
+) -> FinetuneRun:
+    """Set-up in the one order bit-identical resume depends on, then the checkpoint's state, if any."""
     torch.default_generator.manual_seed(config.seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
             torch.cuda.manual_seed(config.seed)
-    fingerprint = fingerprint_data(model, train, val, recipe, config, bn_converted)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = ckpt_dir / LAST_NAME if ckpt_dir is not None else None
-    ckpt = load_last(last_path, fingerprint) if last_path is not None and last_path.exists() else None
-
     model.to(device)
     size = input_size(model, train)
     drop_last = config.drop_last and len(train.labels) >= config.batch_size
@@ -114,8 +148,15 @@ def start_run(
     )
     progress = RunProgress()
     if ckpt is not None:
-        progress = resume(ckpt, model, optimizer, scheduler, gens, device)
-        logger.info("resuming %s from %s after epoch %d", recipe.name, last_path, progress.epoch)
+        try:
+            progress = restore_progress(ckpt, model, optimizer, scheduler, gens, device)
+        except Exception as e:
+            for p, flag in saved_grad_flags:
+                p.requires_grad_(flag)
+            detail = (str(e).strip().splitlines() or ["no detail"])[0][:200]
+            raise _ResumeFailed(f"{type(e).__name__}: {detail}") from e
+        assert ckpt_dir is not None
+        logger.info("resuming %s from %s after epoch %d", recipe.name, ckpt_dir / LAST_NAME, progress.epoch)
     ctx = make_step_context(model, optimizer, config, device)
     logger.info(
         "fine-tuning %s on %s: %d epochs x %d steps, batch %d, lrs head %g / backbone %g, bn %s",

@@ -69,7 +69,7 @@ def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
     return list(head(model).parameters()), backbone
 
 
-def _probe_weights(probe_head: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def probe_weights(probe_head: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(probe_head, nn.Linear):
         return probe_head.weight.detach(), probe_head.bias.detach()
     if isinstance(probe_head, Mapping) and "weight" in probe_head and "bias" in probe_head:
@@ -93,7 +93,7 @@ def init_head(model: nn.Module, recipe: Recipe, probe_head: Any, seed: int) -> N
         else:
             _reset_linear(linear, generator)
     else:
-        weight, bias = _probe_weights(probe_head)
+        weight, bias = probe_weights(probe_head)
         if weight.shape != linear.weight.shape or (
             linear.bias is not None and bias.shape != linear.bias.shape
         ):

@@ -318,6 +318,7 @@ def test_killed_run_resumes_to_identical_result(pretrained: TinyNet, data, tmp_p
 
 
 def test_checkpoint_of_another_run_is_refused(pretrained: TinyNet, data, tmp_path: Path) -> None:
+    """With resume="must" (the default "auto" sets it aside: tests/reliability/test_resume.py)."""
     run(copy.deepcopy(pretrained), data, "ft", cfg(epochs=1), checkpoint_dir=tmp_path)
     with pytest.raises(CheckpointMismatchError, match=r"head_lr.*Delete it") as info:
         run(
@@ -327,10 +328,18 @@ def test_checkpoint_of_another_run_is_refused(pretrained: TinyNet, data, tmp_pat
             cfg(epochs=1),
             checkpoint_dir=tmp_path,
             recipe_kw={"head_lr": 0.5},
+            resume="must",
         )
     assert "another checkpoint_dir" in str(info.value)
     with pytest.raises(CheckpointMismatchError, match="seed"):
-        run(copy.deepcopy(pretrained), data, "ft", cfg(epochs=1, seed=5), checkpoint_dir=tmp_path)
+        run(
+            copy.deepcopy(pretrained),
+            data,
+            "ft",
+            cfg(epochs=1, seed=5),
+            checkpoint_dir=tmp_path,
+            resume="must",
+        )
 
 
 def test_finished_checkpoint_returns_the_same_result(pretrained: TinyNet, data, tmp_path: Path) -> None:

@@ -344,6 +344,27 @@ def test_cli_platform_file_and_bad_input(tmp_path: Path, capsys) -> None:
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://user:s3cret@mlflow.mlflow.svc:5000",
+        "https://mlflow.example.com/?token=s3cret",
+        "http://s3cret@mlflow:5000",
+    ],
+)
+def test_compile_refuses_credentials_in_the_tracking_uri(tmp_path: Path, capsys, uri: str) -> None:
+    """A URI with credentials would sit in plain text in the YAML: refused, pointing at the secret."""
+    out = tmp_path / "p.yaml"
+    argv = ["compile", "--params", str(ROOT / "params.yaml"), "--tracking-uri", uri, "-o", str(out)]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "daft-mlflow-credentials" in lines[0] and "MLFLOW_TRACKING_PASSWORD" in lines[0]
+    assert "s3cret" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------------
 # The image: what can be checked without a Docker engine
 # --------------------------------------------------------------------------------------------------
