@@ -319,7 +319,11 @@ def model_file(model_dir: str | os.PathLike[str]) -> Path:
 
 
 def load_data(data_dir: str | os.PathLike[str], tracker: Any = None, context: str = "training"):
-    """Load (and verify) the prepared bundle; log it as the run's input dataset for lineage."""
+    """Load (and verify) the prepared bundle; log it as the run's input dataset for lineage.
+
+    The dataset's source is where prepare_data read the data from when the manifest records it (the
+    ``s3://`` URI, ``meta["source_uri"]``), else `data_dir`; its digest is the prepared bundle's.
+    """
     from daft_core.data import load_bundle, read_manifest
 
     if not Path(data_dir).is_dir():
@@ -328,7 +332,15 @@ def load_data(data_dir: str | os.PathLike[str], tracker: Any = None, context: st
         )
     bundle = load_bundle(data_dir)
     if tracker is not None:
-        tracker.log_dataset(str(data_dir), read_manifest(data_dir), name="prepared", context=context)
+        manifest = read_manifest(data_dir)
+        source = (manifest.get("meta") or {}).get("source_uri")
+        tracker.log_dataset(
+            str(data_dir),
+            manifest,
+            name="prepared",
+            context=context,
+            source=source if isinstance(source, str) and source else None,
+        )
     return bundle
 
 

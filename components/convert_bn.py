@@ -65,7 +65,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             source="pretrained",
         )
         log.info("converted %d BN layers (%s stats) in %.1fs", len(converted), c.stats, timer.seconds)
-        return {**summary, "seconds": timer.seconds, "registered_version": version}
+        return {**summary, "seconds": timer.seconds, "registered_version": version, **tracker.run_info()}
 
 
 def _main(argv: Sequence[str] | None) -> None:

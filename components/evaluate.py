@@ -111,7 +111,7 @@ def run(
             f"{metrics['ood_mean_accuracy']:.4f}" if metrics["ood_mean_accuracy"] is not None else "n/a",
             timer.seconds,
         )
-        return metrics
+        return {**metrics, **tracker.run_info()}  # the run's id and URL for the caller, not in the file
 
 
 def _main(argv: Sequence[str] | None) -> None:

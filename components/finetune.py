@@ -137,7 +137,7 @@ def run(
             source=start,
         )
         shutil.rmtree(resume_dir, ignore_errors=True)
-        summary.update(head_lr=recipe.head_lr, backbone_lr=recipe.backbone_lr)
+        summary.update(head_lr=recipe.head_lr, backbone_lr=recipe.backbone_lr, **tracker.run_info())
         log.info(
             "%s: best ID val %.4f at epoch %d (%.1fs)",
             method,

@@ -96,6 +96,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             "val_accuracy": result.val_accuracy,
             "seconds": timer.seconds,
             "registered_version": version,
+            **tracker.run_info(),
         }
 
 

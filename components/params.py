@@ -13,11 +13,13 @@ Values echoed in error messages are cut to :data:`MAX_ECHO_CHARS` characters.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -59,6 +61,25 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def _data_location(v: str) -> str:
+    """A data folder: a local path, or ``s3://bucket/prefix`` (prepare_data downloads it once)."""
+    m = _SCHEME.match(v)
+    if m is None:
+        return v
+    if m.group(1) != "s3":
+        raise ValueError(f"{m.group(1)}:// is not supported; give a local path or an s3://bucket/prefix URI")
+    if not v[len("s3://") :].partition("/")[0]:
+        raise ValueError("malformed S3 URI; expected s3://bucket/prefix")
+    return v
+
+
+# Where data is read from (data.root, data.id_*, data.ood.*, data.extra_ood.*): a path or an s3:// URI.
+DataLocation = Annotated[str, AfterValidator(_data_location)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -75,12 +96,13 @@ class DataParams(_Strict):
     val_fraction: Float = Field(0.2, gt=0, lt=1)
     test_fraction: Float = Field(0.2, gt=0, lt=1)
     printed_per_class: Int = Field(60, ge=1, le=10_000)
-    root: str | None = None
-    id_train: str | None = None
-    id_val: str | None = None
-    id_test: str | None = None
-    ood: dict[str, str] = Field(default_factory=dict)
-    extra_ood: dict[str, str] = Field(default_factory=dict)
+    # Each data location: a local path or s3://bucket/prefix (downloaded once by prepare_data).
+    root: DataLocation | None = None
+    id_train: DataLocation | None = None
+    id_val: DataLocation | None = None
+    id_test: DataLocation | None = None
+    ood: dict[str, DataLocation] = Field(default_factory=dict)
+    extra_ood: dict[str, DataLocation] = Field(default_factory=dict)
     image_size: Int = Field(64, ge=8, le=1024)
     grayscale: StrictBool = False
     on_bad_image: Literal["error", "skip"] = "error"

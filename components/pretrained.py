@@ -64,7 +64,7 @@ def run(params: Params, data_dir: str | Path, out_dir: str | Path) -> dict[str, 
             reports={"info.json": info},
         )
         log.info("pretrained %s: %d BN layers, wrote %s in %.1fs", m.name, n_bn, out_dir, timer.seconds)
-        return info
+        return {**info, **tracker.run_info()}
 
 
 def _main(argv: Sequence[str] | None) -> None:

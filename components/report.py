@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,33 @@ def collect(metrics_dir: str | Path) -> list[dict[str, Any]]:
 def champion(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Best by ID val only (the ID test set is never used for selection); ties go to the earlier method."""
     return select_best(rows)
+
+
+def champion_version(
+    params: Params, method: str, tracker: Any, unavailable: Mapping[str, str] | None = None
+) -> tuple[str | None, str | None]:
+    """(the registered version `method`'s alias points at, None) or (None, why not: the note to record).
+
+    `unavailable`: method -> why its version is unknown (the sweep's selection could not move its alias),
+    so a stale alias from an earlier run is not taken for the selected configuration.
+    """
+    from components import tracking
+    from components.tracking.retries import redact_uri
+
+    name, alias = params.pipeline.registered_model, alias_for(method)
+    if unavailable and method in unavailable:
+        reason = unavailable[method]
+    else:
+        version = tracking.version_for_alias(name, alias, uri=tracker.uri)
+        if version is not None:
+            return version, None
+        where = redact_uri(tracker.uri or tracking.tracking_uri())
+        reason = f"alias {name}@{alias} is not set in the model registry at {where}"
+    note = (
+        f"`champion` alias not moved: no registered version of {method!r} ({reason}). Was its step tracked "
+        "to another store (e.g. a pod's own sqlite)? Rerun it against this tracking server, then the report."
+    )
+    return None, note
 
 
 def markdown_table(rows: list[dict[str, Any]], best: str) -> str:
@@ -113,7 +140,19 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def run(
+    params: Params,
+    metrics_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    unavailable: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Table, plots and summary.json in `out_dir`; the best method's registered version gets `champion`.
+
+    With tracking on, summary.json records ``champion_version``: the version, or null with a
+    ``champion_note`` saying why (also a WARNING) when the best method has no registered version (its alias
+    is missing, or `unavailable` names it). Returns the summary plus the run's ``mlflow_run_id`` / ``_url``.
+    """
     check_outputs("report", dirs=[out_dir], inputs=[metrics_dir], known=REPORT_FILES)
     timer = Timer()
     with tracked(params, "report", {}) as tracker:
@@ -141,6 +180,13 @@ def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[st
             }
             for r in rows
         ]
+        version = None
+        if params.pipeline.tracking:
+            version, note = champion_version(params, best["method"], tracker, unavailable)
+            summary["champion_version"] = version
+            if note is not None:
+                summary["champion_note"] = note
+                log.warning("champion: %s", note)
         check_output_dir(out_dir, "report", known=REPORT_FILES)  # again, in case it changed meanwhile
         with atomic_dir(out_dir) as tmp:
             write_marker(tmp, "report")
@@ -151,19 +197,14 @@ def run(params: Params, metrics_dir: str | Path, out_dir: str | Path) -> dict[st
         for png in PLOTS:
             tracker.log_artifact(str(Path(out_dir) / png))
         tracker.log_artifact(str(Path(out_dir) / "table.md"))
-        if params.pipeline.tracking:
-            from components import tracking
-
+        if version is not None:
             name = params.pipeline.registered_model
-            version = tracking.version_for_alias(name, alias_for(best["method"]))
-            if version is not None:
-                tracking.set_alias(name, "champion", version)
-                summary["champion_version"] = version
-                log.info("champion: %s (version %s of %s)", best["method"], version, name)
+            tracker.set_alias(name, "champion", version)
+            log.info("champion: %s (version %s of %s)", best["method"], version, name)
         tracker.log_metrics({"champion_id_val_accuracy": best["id_val_accuracy"]})
         print(table)
         log.info("report written to %s in %.1fs", out_dir, timer.seconds)
-        return summary
+        return {**summary, **tracker.run_info()}
 
 
 def _main(argv: Sequence[str] | None) -> None:

@@ -8,8 +8,11 @@ Kubernetes secrets), never from params, so the same params run against AWS, MinI
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -18,13 +21,17 @@ __all__ = [
     "endpoint_url",
     "fetch_file",
     "fetch_tree",
+    "file_sha256",
     "install",
     "is_uri",
     "s3_client",
     "split_s3_uri",
+    "tree_digest",
+    "tree_hashes",
 ]
 
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+FETCH_WORKERS = 8  # parallel downloads in fetch_tree
 
 
 class StorageError(RuntimeError):
@@ -59,8 +66,11 @@ def s3_client() -> Any:
     ignore a changed environment and share state with other boto3 users (MLflow, DVC) in the process.
     """
     import boto3
+    from botocore.config import Config
 
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url())
+    # connections for fetch_tree's parallel downloads, each of which may itself fetch a large object in parts
+    config = Config(max_pool_connections=FETCH_WORKERS * 10)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url(), config=config)
 
 
 def _code(e: Exception) -> str:
@@ -145,8 +155,9 @@ def fetch_tree(uri_prefix: str, dest_dir: str | os.PathLike[str]) -> list[Path]:
     """Download every object under ``s3://bucket/prefix/`` into ``dest_dir``, keeping relative paths.
 
     The prefix is taken as a directory (``data`` does not match ``data2/...``). All keys are checked
-    before anything is written, so a hostile listing (``../x``) leaves ``dest_dir`` untouched. Callers
-    that need the tree to appear all at once wrap this in ``daft_core.atomic.atomic_dir``.
+    before anything is written, so a hostile listing (``../x``) leaves ``dest_dir`` untouched. Objects are
+    downloaded :data:`FETCH_WORKERS` at a time; returns the local files in key order. Callers that need the
+    tree to appear all at once wrap this in ``daft_core.atomic.atomic_dir``.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -170,15 +181,53 @@ def fetch_tree(uri_prefix: str, dest_dir: str | os.PathLike[str]) -> list[Path]:
     for k, target in plan:
         if not target.resolve().is_relative_to(root):
             raise StorageError(f"{uri_prefix}: refusing object key {k!r}: it resolves outside {dest}")
-    out: list[Path] = []
-    for k, target in plan:
+    for _, target in plan:
         target.parent.mkdir(parents=True, exist_ok=True)
+
+    def download(item: tuple[str, Path]) -> Path:
+        k, target = item
         try:
-            client.download_file(bucket, k, str(target))
+            client.download_file(bucket, k, str(target))  # boto3 clients are thread-safe
         except (ClientError, BotoCoreError) as e:
             raise _explain(f"s3://{bucket}/{k}", e, client) from e
-        out.append(target)
-    return out
+        return target
+
+    if len(plan) == 1:
+        return [download(plan[0])]
+    # Several objects at once: an image folder is many small files, where the round trips dominate.
+    pool = ThreadPoolExecutor(max_workers=min(FETCH_WORKERS, len(plan)), thread_name_prefix="fetch_tree")
+    try:
+        return list(pool.map(download, plan))  # the first failure (in key order) is raised
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """The sha256 (hex) of one file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_hashes(root: str | os.PathLike[str], files: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+    """``{relative POSIX path: sha256}`` of `files` (paths inside `root`, e.g. what :func:`fetch_tree`
+    returned)."""
+    base = Path(root)
+    return {Path(f).relative_to(base).as_posix(): file_sha256(f) for f in files}
+
+
+def tree_digest(hashes: Mapping[str, str]) -> str:
+    r"""One sha256 for a tree: over the lines ``<file sha256>  <relative path>\n`` sorted by path.
+
+    That is ``sha256sum``'s own listing, so a local copy can be checked with
+    ``(cd DIR && find . -type f | sed 's|^./||' | LC_ALL=C sort | xargs -d '\n' sha256sum) | sha256sum``.
+    """
+    h = hashlib.sha256()
+    for rel in sorted(hashes):
+        h.update(f"{hashes[rel]}  {rel}\n".encode())
+    return h.hexdigest()
 
 
 def install() -> None:

@@ -3,7 +3,8 @@
     compile     the pipeline (or the sweep pipeline) to a deterministic YAML package
     run-local   the whole DAG here with kfp.local.SubprocessRunner(use_venv=False); the outputs land where
                 `dvc repro` puts them (metrics/methods/*.json, reports/) under --out
-    submit      compile and create a run on a Kubeflow Pipelines host (kfp.Client; KF_PIPELINES_ENDPOINT)
+    submit      compile and create a run on a Kubeflow Pipelines host (kfp.Client; KF_PIPELINES_ENDPOINT);
+                with tracking on, refused (before contacting the host) without an MLflow tracking server
 
 Exit status: 0 on success, 2 on a usage / connection / authentication / pipeline error (one clear line,
 credentials masked), 130 on Ctrl-C, 1 on an unexpected error (a bug: traceback shown).
@@ -40,7 +41,8 @@ HOST_ENV = "KF_PIPELINES_ENDPOINT"  # the variable kfp.Client itself reads
 TOKEN_ENV = "KF_PIPELINES_TOKEN"  # ours: keeps the token out of the process list / shell history
 DEFAULT_PACKAGE = "daft_pipeline.yaml"
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
-PLATFORM_SECTIONS = {"resources", "gpu", "secrets", "retries", "sweep", "caching"}
+PLATFORM_SECTIONS = {"resources", "gpu", "secrets", "retries", "sweep", "caching", "data"}
+DATA_PVC_MOUNT = "/data"  # the platform file's `data.mount_path` default
 
 
 class CliError(RuntimeError):
@@ -155,12 +157,34 @@ def build_options(args: argparse.Namespace, *, local: bool = False):  # -> Pipel
         kw["retries"] = 0  # fail fast on this machine; a cluster retries (pod evictions, flaky nodes)
     if "caching" in platform:
         kw["caching"] = bool(platform["caching"])
+    if platform.get("data") is not None:
+        kw["data_pvc"] = _data_pvc(platform["data"], args.platform)
     if args.cache is not None:
         kw["caching"] = args.cache
     try:
         return PipelineOptions(**kw)
     except TypeError as e:
         raise CliError(f"invalid platform settings: {e}") from None
+
+
+def _data_pvc(section: Any, path: str) -> dict[str, str]:
+    """The platform file's ``data: {pvc: NAME, mount_path: /data}`` as PipelineOptions.data_pvc."""
+    from pipelines.pipeline import check_data_pvc
+
+    where = f"{path}: data"
+    if not isinstance(section, Mapping):
+        raise CliError(f"{where} must be a mapping like {{pvc: my-data, mount_path: {DATA_PVC_MOUNT}}}")
+    unknown = set(section) - {"pvc", "mount_path"}
+    if unknown:
+        raise CliError(f"{where}: unknown key(s) {sorted(unknown)}; known: ['mount_path', 'pvc']")
+    if "pvc" not in section:
+        raise CliError(f"{where}: `pvc` (the PersistentVolumeClaim holding the data) is required")
+    pvc = {"name": section["pvc"], "mount_path": section.get("mount_path", DATA_PVC_MOUNT)}
+    try:
+        check_data_pvc(pvc)
+    except ValueError as e:
+        raise CliError(f"{where}: {e}") from None
+    return pvc
 
 
 def load_params_for(args: argparse.Namespace):  # -> Params
@@ -377,6 +401,91 @@ def submit(
     return result.run_id
 
 
+TRACKING_SERVER_EXAMPLE = "http://mlflow.mlflow.svc.cluster.local:5000"
+
+
+URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def _package_docs(package: str) -> list[Any]:
+    import yaml
+
+    try:
+        return [d for d in yaml.safe_load_all(Path(package).read_text()) if isinstance(d, dict)]
+    except (OSError, yaml.YAMLError):
+        return []
+
+
+def _package_defaults(docs: list[Any]) -> dict[str, Any]:
+    """The pipeline parameters' defaults compiled into a package ({} when it has none)."""
+    try:
+        parameters = docs[0]["root"]["inputDefinitions"]["parameters"]
+        return {k: v["defaultValue"] for k, v in parameters.items() if "defaultValue" in v}
+    except (IndexError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _package_secret_envs(docs: list[Any]) -> set[str]:
+    """The environment variables a package's steps get from Kubernetes secrets."""
+    try:
+        executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        return {
+            k.get("envVar", "")
+            for ex in executors.values()
+            for secret in ex.get("secretAsEnv", [])
+            for k in secret.get("keyToEnv", [])
+        }
+    except (IndexError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def require_tracking_server(
+    args: argparse.Namespace, params: Any, opts: Any, arguments: dict[str, Any]
+) -> None:
+    """CliError when the run would track to no server: with tracking on (the `tracking` parameter, else
+    the package's default, else params' ``pipeline.tracking``), the tracking URI (``--param tracking_uri``,
+    else ``--tracking-uri``, else the package's default) must be an http(s) or Databricks server, or, left
+    empty, the pods must get ``MLFLOW_TRACKING_URI`` from a secret (the platform file's ``secrets:``).
+    Otherwise each pod would log to its own sqlite store, lost with the pod (and the steps refuse to start).
+
+    With ``--package``, ``--tracking-uri`` is passed as the ``tracking_uri`` argument (it cannot change
+    the compiled default).
+    """
+    from components.tracking.identity import is_server_uri
+    from components.tracking.retries import redact_uri
+
+    docs = _package_docs(args.package) if args.package else []
+    defaults = _package_defaults(docs)
+    if args.package and args.tracking_uri and "tracking_uri" not in arguments:
+        arguments["tracking_uri"] = args.tracking_uri
+    tracking = arguments.get("tracking", defaults.get("tracking", params.pipeline.tracking))
+    if not tracking:
+        return
+    if "tracking_uri" in arguments:
+        uri, where = str(arguments["tracking_uri"] or ""), "--param tracking_uri"
+    elif args.tracking_uri:
+        uri, where = args.tracking_uri, "--tracking-uri"
+    else:
+        uri, where = str(defaults.get("tracking_uri") or ""), "the package's tracking_uri"
+    if is_server_uri(uri):
+        return
+    if not uri.strip():
+        envs = (
+            _package_secret_envs(docs)
+            if args.package
+            else {env for keys in opts.secrets.values() for env in keys.values()}
+        )
+        if URI_ENV in envs:
+            return  # the pods' own MLFLOW_TRACKING_URI, from a secret (the steps check it is a server)
+    given = f"{where} {redact_uri(uri)} is a local store" if uri.strip() else "no tracking server is given"
+    raise CliError(
+        f"tracking is on but {given}: each pod would log to its own store, lost when the pod ends (and "
+        f"the steps refuse to start). Fix: pass --param tracking_uri={TRACKING_SERVER_EXAMPLE} (or "
+        f"--tracking-uri; or map {URI_ENV} from a secret in the platform file), or turn tracking off with "
+        "--param tracking=false"
+    )
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipelines.pipeline import build_pipeline, compile_pipeline
 
@@ -388,6 +497,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     opts = build_options(args)
     signature = inspect.signature(build_pipeline(params, opts).pipeline_func)
     arguments = parse_pipeline_args(args.param, signature)
+    require_tracking_server(args, params, opts, arguments)  # before contacting the host
     with tempfile.TemporaryDirectory(prefix="daft-kfp-") as tmp:
         package = args.package or compile_pipeline(params, opts, str(Path(tmp) / DEFAULT_PACKAGE))
         run_name = args.run_name or f"{params.pipeline.experiment}-{'sweep' if args.sweep else 'run'}"

@@ -14,6 +14,8 @@ Conventions
       as environment variables (see pipelines.pipeline).
     * Artifacts are directories where the step writes directories (``dataset.path``, ``model.path``,
       ``evaluation.path``); each step also logs its key numbers to an ``Output[Metrics]``.
+    * Each output artifact's metadata records the step's MLflow run (``mlflow_run_id``, ``mlflow_run_url``)
+      and, where there is one, the ``registered_version`` (:func:`record_run`, :func:`record_champion`).
 
 :func:`make_components` binds the functions to a base image (a compile option), with
 ``install_kfp_package=False`` (the image already has the pinned kfp).
@@ -51,12 +53,14 @@ def resolve_params(
     epochs: int,
     seed: int,
     params: Output[Artifact],
+    data_root: str = "",
 ) -> str:
     """Validate params.yaml's tree with the pipeline parameters applied; every other step reads the result.
 
-    Returns it as a string (``params_json`` of the steps) and writes it to `params` (a JSON file) for the
-    steps inside a sweep's ParallelFor (see pipelines.pipeline: kfp.local cannot pass a task's output
-    parameter into a loop).
+    `data_root` (a path in the pod, e.g. on a mounted PVC, or ``s3://bucket/prefix``) replaces
+    ``data.root``; empty keeps params.yaml's. Returns the tree as a string (``params_json`` of the steps) and
+    writes it to `params` (a JSON file) for the steps inside a sweep's ParallelFor (see pipelines.pipeline:
+    kfp.local cannot pass a task's output parameter into a loop).
     """
     from pipelines.components import resolve_params_json
 
@@ -69,6 +73,7 @@ def resolve_params(
             "finetune.epochs": epochs,
             "finetune.seed": seed,
         },
+        data_root=data_root,
     )
     with open(params.path, "w") as f:
         f.write(resolved)
@@ -84,11 +89,12 @@ def prepare_data(
 ):
     """components.prepare_data: the prepared DatasetBundle directory."""
     from components import prepare_data as step
-    from pipelines.components import log_metrics, step_setup
+    from pipelines.components import log_metrics, record_run, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     result = step.run(params, dataset.path)
     dataset.metadata["preset"] = params.data.preset
+    record_run(dataset, result)
     log_metrics(metrics, result["counts"], prefix="count.")
 
 
@@ -102,11 +108,12 @@ def pretrained(
 ):
     """components.pretrained: the verified backbone checkpoint every branch starts from."""
     from components import pretrained as step
-    from pipelines.components import annotate_model, log_metrics, step_setup
+    from pipelines.components import annotate_model, log_metrics, record_run, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     info = step.run(params, dataset.path, model.path)
     annotate_model(model, params, "pretrained")
+    record_run(model, info, version=info.get("registered_version"))
     log_metrics(metrics, {k: info[k] for k in ("batchnorm_layers", "parameters", "num_features")})
 
 
@@ -121,11 +128,12 @@ def convert_bn(
 ):
     """components.convert_bn: DAFT's function-preserving BatchNorm conversion."""
     from components import convert_bn as step
-    from pipelines.components import annotate_model, log_metrics, step_setup
+    from pipelines.components import annotate_model, log_metrics, record_run, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     summary = step.run(params, pretrained.path, dataset.path, model.path)
     annotate_model(model, params, "bn_converted")
+    record_run(model, summary, version=summary.get("registered_version"))
     log_metrics(metrics, summary)
 
 
@@ -140,11 +148,12 @@ def linear_probe(
 ):
     """components.linear_probe: features once, logistic-regression C sweep on ID val."""
     from components import linear_probe as step
-    from pipelines.components import annotate_model, log_metrics, step_setup
+    from pipelines.components import annotate_model, log_metrics, record_run, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     summary = step.run(params, pretrained.path, dataset.path, model.path)
     annotate_model(model, params, "linear_probe")
+    record_run(model, summary, version=summary.get("registered_version"))
     log_metrics(metrics, summary)
 
 
@@ -173,7 +182,7 @@ def finetune(
     import json
 
     from components import finetune as step
-    from pipelines.components import annotate_model, log_metrics, method_lrs, step_setup
+    from pipelines.components import annotate_model, log_metrics, method_lrs, record_run, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
     lrs = method_lrs(method, learning_rates, lr=lr, head_lr=head_lr, backbone_lr=backbone_lr)
@@ -188,6 +197,7 @@ def finetune(
         "best_val_accuracy": summary["best_val_accuracy"],
     }
     annotate_model(model, params, "finetune", method=method, version=version, extra=info)
+    record_run(model, summary, version=version)
     log_metrics(metrics, {k: summary[k] for k in ("best_epoch", "best_val_accuracy", "epochs")})
     return json.dumps(info, sort_keys=True)
 
@@ -210,7 +220,7 @@ def evaluate(
 
     from components import evaluate as step
     from components.common import write_json
-    from pipelines.components import as_mapping, log_metrics, step_setup
+    from pipelines.components import as_mapping, log_metrics, record_run, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
     out = Path(evaluation.path)
@@ -219,6 +229,7 @@ def evaluate(
     info = as_mapping(finetune_info)
     write_json(out / "finetune.json", info)
     evaluation.metadata.update({"method": method, **{k: v for k, v in info.items() if k != "method"}})
+    record_run(evaluation, result, version=info.get("version"))  # the version of the model evaluated
     log_metrics(
         metrics,
         {k: result.get(k) for k in ("id_val_accuracy", "id_test_accuracy", "ood_mean_accuracy")},
@@ -243,7 +254,7 @@ def report(
 
     The report directory mirrors the DVC layout: ``metrics/methods/<method>.json`` and ``reports/``.
     """
-    from pipelines.components import assemble_report, log_metrics, step_setup
+    from pipelines.components import assemble_report, log_metrics, record_champion, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per catalogue method:
@@ -251,6 +262,7 @@ def report(
     groups = {m: [a.path] for m, a in given.items() if a is not None}  # them named (tests check the list)
     summary = assemble_report(params, groups, report.path)
     report.metadata["champion"] = summary["champion"]
+    record_champion(report, summary)
     log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
     log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
 
@@ -273,7 +285,7 @@ def select_best(
 
     ``metrics/sweep.json`` in the report directory lists every configuration tried.
     """
-    from pipelines.components import assemble_report, log_metrics, step_setup
+    from pipelines.components import assemble_report, log_metrics, record_champion, step_setup
 
     params = step_setup(params_json, tracking_uri, pipeline_run_id)
     given = {"ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per fine-tuned catalogue method
@@ -282,6 +294,7 @@ def select_best(
     summary = assemble_report(params, groups, report.path)
     report.metadata["champion"] = summary["champion"]
     report.metadata["selected"] = summary["selected"]
+    record_champion(report, summary)
     log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
     log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
     log_metrics(metrics, {"configurations": len(summary["sweep"])})
@@ -317,10 +330,15 @@ def make_components(image: str) -> SimpleNamespace:
 PIPELINE_ID_ENV = "DAFT_PIPELINE_RUN_ID"
 
 
-def resolve_params_json(params_json: str, overrides: Mapping[str, Any]) -> str:
+def resolve_params_json(params_json: str, overrides: Mapping[str, Any], data_root: str = "") -> str:
+    """The validated tree with the pipeline parameters applied; `data_root` sets ``data.root`` unless empty
+    (blank means params.yaml's, so the parameter's default changes nothing)."""
     from components.params import apply_overrides, params_from_dict, params_to_json
 
-    raw = apply_overrides(json.loads(params_json), dict(overrides))
+    overrides = dict(overrides)
+    if data_root.strip():
+        overrides["data.root"] = data_root.strip()
+    raw = apply_overrides(json.loads(params_json), overrides)
     return params_to_json(params_from_dict(raw, "pipeline parameters"))
 
 
@@ -392,6 +410,34 @@ def annotate_model(
             model.metadata[k] = v
 
 
+RUN_FIELDS = ("mlflow_run_id", "mlflow_run_url")
+
+
+def record_run(artifact: Any, result: Mapping[str, Any], version: Any = None) -> None:
+    """The step's MLflow run (``mlflow_run_id``, ``mlflow_run_url``: from its result, else the run the step
+    just started in this process) and the registered version, when there is one, in `artifact`'s metadata.
+    Nothing when tracking is off; the URL only for a tracking server (credentials removed)."""
+    from components.tracking import last_run
+
+    fallback = last_run()
+    for key in RUN_FIELDS:
+        value = result.get(key) if key in result else fallback.get(key)
+        if value:
+            artifact.metadata[key] = str(value)
+    if version:
+        artifact.metadata["registered_version"] = str(version)
+
+
+def record_champion(report: Any, summary: Mapping[str, Any]) -> None:
+    """The report step's run, the champion's registered version (``registered_version`` and
+    ``champion_version``) or, when it has none, ``champion_note`` (why), in the report's metadata."""
+    record_run(report, summary, version=summary.get("champion_version"))
+    if summary.get("champion_version"):
+        report.metadata["champion_version"] = str(summary["champion_version"])
+    if summary.get("champion_note"):
+        report.metadata["champion_note"] = str(summary["champion_note"])
+
+
 def _flat_numbers(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in values.items():
@@ -416,16 +462,23 @@ def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: 
     selected configuration's registered version gets the method's alias (the sweep points each moved it),
     so components.report's `champion` lands on the selected version. Writes ``metrics/methods/`` (the
     selection, as DVC's layout), ``metrics/sweep.json`` (every configuration) and ``reports/``.
+
+    With tracking on, a local store in a pod fails at once (``TrackingError``), and a selected configuration
+    whose version cannot get the alias (none recorded, or not in the registry) is a WARNING, not a failure:
+    the report then records ``champion_version: null`` and a ``champion_note`` if that method wins, and the
+    summary lists such methods under ``selection_notes``.
     """
     from components import report as report_step
     from components import tracking
     from components.common import read_json, write_json
-    from daft_core.methods import alias_for
     from daft_core.selection import select_best
 
+    if params.pipeline.tracking:
+        tracking.require_durable_store()  # before any work: a pod's own store lacks every logged version
     out = Path(out_dir)
     methods_dir = out / "metrics" / "methods"
     methods_dir.mkdir(parents=True, exist_ok=True)
+    unavailable: dict[str, str] = {}  # method -> why its selected version did not get the method's alias
     sweep: list[dict[str, Any]] = []
     selected: dict[str, dict[str, Any]] = {}
     for method, dirs in groups.items():
@@ -451,11 +504,41 @@ def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: 
         if details.is_file():
             shutil.copy2(details, methods_dir / details.name)
         version = best.get("version")
-        if params.pipeline.tracking and version and len(candidates) > 1:
-            tracking.set_alias(params.pipeline.registered_model, alias_for(method), version)
-            log.info("sweep: %s selected %s (version %s)", method, best, version)
+        if params.pipeline.tracking and len(candidates) > 1:
+            why = _move_alias(params, method, version)
+            if why is None:
+                log.info("sweep: %s selected %s (version %s)", method, best, version)
+            else:
+                unavailable[method] = why
+                log.warning("sweep: %s selected %s, but its alias was not moved: %s", method, best, why)
     write_json(out / "metrics" / "sweep.json", sweep)
-    summary = report_step.run(params, methods_dir, out / "reports")
+    summary = report_step.run(params, methods_dir, out / "reports", unavailable=unavailable)
+    if unavailable:
+        summary["selection_notes"] = dict(unavailable)
     summary["sweep"] = sweep
     summary["selected"] = json.dumps(selected, sort_keys=True)
     return summary
+
+
+MISSING_VERSION_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
+
+
+def _move_alias(params: "Params", method: str, version: Any) -> str | None:
+    """Point `method`'s alias at the selected `version`; None when done, else why it could not be."""
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+    from components.tracking.retries import redact_uri
+    from daft_core.methods import alias_for
+
+    name = params.pipeline.registered_model
+    if not version:
+        return "the selected configuration has no registered version (its finetune step was not tracked)"
+    try:
+        tracking.set_alias(name, alias_for(method), version)
+    except MlflowException as err:
+        if err.error_code not in MISSING_VERSION_CODES:
+            raise
+        where = redact_uri(tracking.tracking_uri())
+        return f"version {version} of {name} is not in the model registry at {where} ({err.error_code})"
+    return None

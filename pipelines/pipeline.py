@@ -15,14 +15,16 @@ x backbone lr for DAFT, one lr for FT / LP-FT), each point fine-tuned and evalua
 
 Pipeline parameters default to params.yaml: ``params_json`` (the whole tree) plus the usual knobs
 (``epochs``, ``seed``, ``learning_rates`` — method -> {lr | head_lr | backbone_lr}, the MLflow experiment /
-registered model / tracking switch and ``tracking_uri``). The sweep pipeline adds one list parameter per
-configured method (``<method>_lrs`` or ``<method>_grid``); its default grid comes from the method catalogue
-(``daft_core.methods``).
+registered model / tracking switch, ``tracking_uri`` and ``data_root``: where the data is, a path in the pod
+or ``s3://bucket/prefix``; empty keeps params.yaml's ``data.root``). The sweep pipeline adds one list
+parameter per configured method (``<method>_lrs`` or ``<method>_grid``); its default grid comes from the
+method catalogue (``daft_core.methods``).
 
 Platform settings come from :class:`PipelineOptions`: per-step CPU / memory requests and limits, a GPU for
 the steps in ``gpu_steps`` (fine-tuning and feature extraction), retries with exponential back-off, caching
-(on by default) and Kubernetes secrets as environment variables (kfp-kubernetes). ``local=True`` leaves out
-what only a cluster can honour (resources, accelerators, secrets, node selectors); see docs/kubeflow.md.
+(on by default), Kubernetes secrets as environment variables (kfp-kubernetes) and, for data already on the
+cluster, a PVC mounted on the prepare_data task (``data_pvc``). ``local=True`` leaves out what only a
+cluster can honour (resources, accelerators, secrets, node selectors, volumes); see docs/kubeflow.md.
 """
 
 # No ``from __future__ import annotations``: KFP reads the pipeline functions' annotations as objects.
@@ -114,7 +116,27 @@ class PipelineOptions:
     caching: bool = True
     secrets: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: dict(DEFAULT_SECRETS))
     secrets_optional: bool = False
-    local: bool = False  # kfp.local: leave out resources, accelerators, secrets and node selectors
+    # {"name": PVC, "mount_path": /data}: the user's data, mounted on the prepare_data task only
+    data_pvc: Mapping[str, str] | None = None
+    local: bool = False  # kfp.local: leave out resources, accelerators, secrets, node selectors, volumes
+
+    def __post_init__(self) -> None:
+        if self.data_pvc is not None:
+            check_data_pvc(self.data_pvc)
+
+
+DATA_PVC_STEP = "prepare_data"  # the one step that reads the user's data
+
+
+def check_data_pvc(pvc: Mapping[str, Any]) -> None:
+    """ValueError unless `pvc` is ``{"name": <PVC name>, "mount_path": <absolute path>}``."""
+    if not isinstance(pvc, Mapping) or set(pvc) != {"name", "mount_path"}:
+        raise ValueError(f"data_pvc must be {{name: PVC, mount_path: /absolute/path}}, got {pvc!r}")
+    name, path = pvc["name"], pvc["mount_path"]
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"data_pvc.name must be the PersistentVolumeClaim's name, got {name!r}")
+    if not isinstance(path, str) or not path.startswith("/") or path.rstrip("/") == "":
+        raise ValueError(f"data_pvc.mount_path must be an absolute path other than /, got {path!r}")
 
 
 def merge_resources(overrides: Mapping[str, Mapping[str, str]] | None) -> dict[str, dict[str, str]]:
@@ -161,6 +183,8 @@ def configure_task(task: dsl.PipelineTask, step: str, opts: PipelineOptions) -> 
     if step not in NO_SECRET_STEPS:
         for name, keys in opts.secrets.items():
             kubernetes.use_secret_as_env(task, name, dict(keys), optional=opts.secrets_optional)
+    if step == DATA_PVC_STEP and opts.data_pvc:
+        kubernetes.mount_pvc(task, pvc_name=opts.data_pvc["name"], mount_path=opts.data_pvc["mount_path"])
     return task
 
 
@@ -246,9 +270,12 @@ def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # 
         registered_model: str = p.registered_model,
         epochs: int = params.finetune.epochs,
         seed: int = params.finetune.seed,
+        data_root: str = "",  # a path in the pod or s3://bucket/prefix; empty: params.yaml's data.root
         learning_rates: dict = lr_defaults,  # method -> {lr | head_lr | backbone_lr}
     ) -> dsl.Artifact:
-        stages = dag.stages(params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed)
+        stages = dag.stages(
+            params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed, data_root
+        )
         evaluations = {
             method: dag.branch(stages, method, {"learning_rates": learning_rates}).outputs["evaluation"]
             for method in params.finetune.methods
@@ -314,7 +341,9 @@ class _Dag:
             task.set_display_name(name)
         return configure_task(task, step, self.opts)
 
-    def stages(self, params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed):
+    def stages(
+        self, params_json, tracking_uri, tracking, experiment, registered_model, epochs, seed, data_root
+    ):
         """resolve_params -> prepare_data -> pretrained -> {convert_bn, linear_probe}; LP's evaluation."""
         c = self.c
         resolved = self.task(
@@ -326,6 +355,7 @@ class _Dag:
             registered_model=registered_model,
             epochs=epochs,
             seed=seed,
+            data_root=data_root,
         )
         s = {
             "resolved": resolved,

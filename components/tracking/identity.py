@@ -82,6 +82,44 @@ def tracking_uri() -> str:
     return f"sqlite:///{(store_root() / 'mlflow.db').as_posix()}"
 
 
+# A pod's file system goes with the pod: a local store there loses every run, model and alias of the step.
+POD_ENV = "KUBERNETES_SERVICE_HOST"  # set by Kubernetes in every container of a pod
+ALLOW_LOCAL_ENV = "DAFT_ALLOW_LOCAL_TRACKING"  # "1": a local store in a pod is fine (a persistent volume)
+SERVER_SCHEMES = ("http", "https", "databricks")  # stores that outlive the process writing to them
+LOCAL_SCHEMES = ("sqlite", "file")  # plus a plain path (no scheme)
+
+
+def uri_scheme(uri: str) -> str:
+    """The URI's scheme, lower case; "" for a plain path (a Windows drive letter is a path too)."""
+    text = uri.strip()
+    if text.lower() == "databricks":  # MLflow's bare "databricks" (the default profile)
+        return "databricks"
+    head, sep, _ = text.partition(":")
+    if not sep or len(head) <= 1 or not head.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        return ""
+    return head.lower()
+
+
+def is_local_store(uri: str) -> bool:
+    """A store in this machine's file system: sqlite:, file:, or a plain path (MLflow's file store)."""
+    return uri_scheme(uri) in ("", *LOCAL_SCHEMES)
+
+
+def is_server_uri(uri: str) -> bool:
+    """An MLflow tracking server (http(s)://...) or Databricks: a store every pod shares and that stays."""
+    return uri_scheme(uri) in SERVER_SCHEMES
+
+
+def in_pod() -> bool:
+    """Running in a Kubernetes pod (Kubernetes sets ``KUBERNETES_SERVICE_HOST`` in every container)."""
+    return bool(os.environ.get(POD_ENV, "").strip())
+
+
+def local_store_allowed() -> bool:
+    """``DAFT_ALLOW_LOCAL_TRACKING`` is set to 1 / true / yes / on."""
+    return os.environ.get(ALLOW_LOCAL_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[bytes] | None:
     try:
         return subprocess.run(

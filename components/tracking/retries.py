@@ -37,7 +37,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from components.tracking.identity import tracking_uri
+from components.tracking.identity import (
+    ALLOW_LOCAL_ENV,
+    in_pod,
+    is_local_store,
+    local_store_allowed,
+    tracking_uri,
+)
 from components.tracking.redaction import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
@@ -477,6 +483,37 @@ def _sqlite_path(uri: str) -> str | None:
     if not path or path == ":memory:":
         return None
     return path if path.startswith("/") else os.path.abspath(path)
+
+
+REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
+SERVER_EXAMPLE = "http://mlflow.mlflow.svc.cluster.local:5000"
+
+
+def require_durable_store(uri: str | None = None) -> str:
+    """`uri` (default :func:`~components.tracking.identity.tracking_uri`), or TrackingError when it (or
+    ``MLFLOW_REGISTRY_URI``) is a local store (sqlite:, file:, a path, the default) and this process runs in
+    a Kubernetes pod: the store would vanish with the pod, and every later step (the report's `champion`)
+    would miss what this one logged. ``DAFT_ALLOW_LOCAL_TRACKING=1`` allows it (a persistent volume).
+
+    Checked where a step's run starts (:func:`~components.tracking.tracker.step_run`), before any work.
+    """
+    uri = uri or tracking_uri()
+    if not in_pod() or local_store_allowed():
+        return uri
+    registry = os.environ.get(REGISTRY_ENV, "").strip()
+    if is_local_store(uri):
+        env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        what = f"MLflow tracking store {redact_uri(uri)}" + ("" if env else " (MLFLOW_TRACKING_URI unset)")
+    elif registry and is_local_store(registry):
+        what = f"MLflow registry store {REGISTRY_ENV}={redact_uri(registry)}"
+    else:
+        return uri
+    raise TrackingError(
+        f"{what} is local to this Kubernetes pod and is lost with it (every run and model version of the "
+        "step). Fix: set the `tracking_uri` pipeline parameter (e.g. "
+        f"{SERVER_EXAMPLE}) or MLFLOW_TRACKING_URI on the pods (ConfigMap/secret env), or "
+        f"`pipeline.tracking: false`; {ALLOW_LOCAL_ENV}=1 keeps a local store (e.g. on a persistent volume)."
+    )
 
 
 def check_reachable(uri: str | None = None) -> None:

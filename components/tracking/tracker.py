@@ -36,7 +36,14 @@ from components.tracking.identity import (
     store_root,
     tracking_uri,
 )
-from components.tracking.retries import TrackingError, bounded_http, mlflow_client, redact_uri, retry
+from components.tracking.retries import (
+    TrackingError,
+    bounded_http,
+    mlflow_client,
+    redact_uri,
+    require_durable_store,
+    retry,
+)
 from components.tracking.runs import end_runs, ensure_experiment, find_or_create_parent, global_uri
 from components.tracking.values import as_number, flatten, param_value, safe_name, to_numpy
 
@@ -75,6 +82,19 @@ class StepTracker:
     @property
     def enabled(self) -> bool:
         return self.run_id is not None
+
+    @property
+    def run_url(self) -> str | None:
+        """The run's page in the MLflow UI for a tracking server (http(s), credentials removed); None for
+        a local store, Databricks, or when tracking is off."""
+        if not self.enabled or self.uri is None or self.experiment_id is None:
+            return None
+        link = _run_link(self.uri, self.experiment_id, str(self.run_id))
+        return link if link.startswith(("http://", "https://")) else None
+
+    def run_info(self) -> dict[str, str | None]:
+        """``mlflow_run_id`` and ``mlflow_run_url`` (None when tracking is off), for a step's result."""
+        return {"mlflow_run_id": self.run_id, "mlflow_run_url": self.run_url}
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         assert self.uri is not None
@@ -130,8 +150,10 @@ class StepTracker:
         manifest: Mapping[str, Any],
         name: str = "dataset",
         context: str = "training",
+        source: str | None = None,
     ) -> str | None:
-        """Record a dataset input (source: data_dir; digest: the manifest's hashes); returns the digest.
+        """Record a dataset input (source: `source` when given, e.g. the ``s3://`` URI the data was read
+        from, else data_dir; digest: the manifest's hashes); returns the digest.
 
         The full digest also goes into a run tag, since the dataset entity only keeps a prefix of it.
         """
@@ -142,7 +164,8 @@ class StepTracker:
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         digest = data_digest(manifest)
-        ds = MetaDataset(source=_dataset_source(data_dir), name=name, digest=digest[:MAX_DATASET_DIGEST])
+        where = source if source else data_dir
+        ds = MetaDataset(source=_dataset_source(where), name=name, digest=digest[:MAX_DATASET_DIGEST])
         entity = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         self._call("log dataset", lambda: self.client.log_inputs(self.run_id, datasets=[entity]))
         self.set_tags({DATA_DIGEST_TAG: digest})
@@ -231,7 +254,8 @@ class StepTracker:
 
 
 def _dataset_source(data_dir: str | os.PathLike[str]) -> Any:
-    """A source pointing at data_dir: a URI (s3://...) as is, a local path as a file:// URI."""
+    """A source pointing at data_dir: a URI (s3://...) as is, a local path as a file:// URI (an S3 URI
+    resolves to MLflow's S3 artifact source, whose ``uri`` is the URI itself)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
@@ -244,6 +268,20 @@ def _dataset_source(data_dir: str | os.PathLike[str]) -> Any:
             return resolve_dataset_source(s)
     except Exception:  # a scheme without an MLflow artifact repository: keep the URI as is
         return HTTPDatasetSource(url=s)
+
+
+_last_run: dict[str, str | None] = {"mlflow_run_id": None, "mlflow_run_url": None}
+
+
+def last_run() -> dict[str, str | None]:
+    """:meth:`StepTracker.run_info` of the latest :func:`step_run` started in this process (Nones before
+    any, or when it was untracked): for callers that only get a step's result from code they cannot change.
+    """
+    return dict(_last_run)
+
+
+def _remember(tracker: StepTracker) -> None:
+    _last_run.update(tracker.run_info())
 
 
 def _run_link(uri: str, exp_id: str, run_id: str) -> str:
@@ -270,17 +308,20 @@ def step_run(
     """One child run for `step` under the pipeline's parent run; ends FINISHED, or FAILED and re-raises.
 
     With ``enabled=False`` yields a tracker whose methods do nothing (no server, no mlflow.db).
-    Raises :class:`TrackingError` before the body runs when the tracking server is unreachable, so a step
-    fails within seconds instead of after its expensive work.
+    Raises :class:`TrackingError` before the body runs when the tracking server is unreachable, or when the
+    store is local to a Kubernetes pod (:func:`~components.tracking.retries.require_durable_store`), so a
+    step fails within seconds instead of after its expensive work.
     """
     if not enabled:
         log.info("MLflow tracking disabled (pipeline.tracking: false)")
-        yield StepTracker(step=step, method=method, pipeline_id=pipeline_id)
+        tracker = StepTracker(step=step, method=method, pipeline_id=pipeline_id)
+        _remember(tracker)
+        yield tracker
         return
 
     import mlflow
 
-    uri = tracking_uri()
+    uri = require_durable_store(tracking_uri())
     client = mlflow_client(uri)
     t0 = time.monotonic()
     retry(uri, "connect", lambda: client.search_experiments(max_results=1))
@@ -312,6 +353,7 @@ def step_run(
         step=step,
         method=method,
     )
+    _remember(tracker)
     log.info(
         "MLflow run %s (%s) under pipeline run %s at %s [%.1f s]",
         run_id,

@@ -442,3 +442,81 @@ def test_report_inputs_cover_the_catalogue() -> None:
 
     assert set(inspect.signature(comps.report).parameters) >= set(METHOD_ORDER)
     assert set(inspect.signature(comps.select_best).parameters) >= set(FINETUNED_METHODS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The user's data: the `data_root` pipeline parameter and a PVC on the prepare-data task
+# --------------------------------------------------------------------------------------------------
+
+
+def test_data_root_is_a_pipeline_parameter_feeding_resolve_params(compiled, tmp_path: Path) -> None:
+    spec, _, _ = compiled
+    defs = spec["root"]["inputDefinitions"]["parameters"]
+    assert defs["data_root"]["parameterType"] == "STRING" and defs["data_root"]["defaultValue"] == ""
+    tasks = by_display_name(spec["root"]["dag"])
+    for name, (_, t) in tasks.items():
+        fed = t["inputs"]["parameters"].get("data_root")
+        if name == "resolve-params":
+            assert fed == {"componentInputParameter": "data_root"}
+        else:  # every other step gets data.root inside the resolved params tree
+            assert fed is None, name
+    sweep, _, _ = _compile(tmp_path, "sweep.yaml", sweep=True)
+    assert sweep["root"]["inputDefinitions"]["parameters"]["data_root"]["defaultValue"] == ""
+    resolve = by_display_name(sweep["root"]["dag"])["resolve-params"][1]
+    assert resolve["inputs"]["parameters"]["data_root"] == {"componentInputParameter": "data_root"}
+
+
+def test_resolve_params_applies_data_root() -> None:
+    from components.params import ParamsError, params_to_json
+    from pipelines.components import resolve_params_json
+
+    params = load_params(ROOT / "params.yaml")
+    tree = params_to_json(params)
+    keep = json.loads(resolve_params_json(tree, {}, data_root=""))
+    assert keep["data"]["root"] == params.data.root
+    for where in ("s3://team-data/cifar", "/data/cifar"):
+        assert json.loads(resolve_params_json(tree, {}, data_root=where))["data"]["root"] == where
+    with pytest.raises(ParamsError, match=r"data\.root: .*gs:// is not supported"):
+        resolve_params_json(tree, {}, data_root="gs://team-data/cifar")
+
+
+def test_data_pvc_is_mounted_on_prepare_data_only(tmp_path: Path, capsys) -> None:
+    platform = tmp_path / "platform.yaml"
+    platform.write_text(yaml.safe_dump({"data": {"pvc": "team-data", "mount_path": "/mnt/data"}}))
+    out = tmp_path / "p.yaml"
+    argv = ["compile", "--params", str(ROOT / "params.yaml"), "--platform", str(platform), "-o", str(out)]
+    assert cli_main(argv) == 0
+    _spec, platform_spec = list(yaml.safe_load_all(out.read_text()))
+    k8s = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounted = {label: ex["pvcMount"] for label, ex in k8s.items() if "pvcMount" in ex}
+    assert list(mounted) == ["exec-prepare-data"]
+    (mount,) = mounted["exec-prepare-data"]
+    assert mount["mountPath"] == "/mnt/data"
+    assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "team-data"
+    assert "secretAsEnv" in k8s["exec-prepare-data"]  # the mount adds to the step's settings
+
+    # mount_path defaults to /data; the local build (kfp.local) mounts nothing.
+    platform.write_text("data: {pvc: team-data}\n")
+    opts_local = PipelineOptions(local=True, data_pvc={"name": "team-data", "mount_path": "/data"})
+    from kfp import compiler
+
+    compiler.Compiler().compile(
+        build_pipeline(load_params(ROOT / "params.yaml"), opts_local), str(tmp_path / "l.yaml")
+    )
+    assert len(list(yaml.safe_load_all((tmp_path / "l.yaml").read_text()))) == 1
+    assert cli_main(argv) == 0
+    k8s = list(yaml.safe_load_all(out.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]
+    assert k8s["executors"]["exec-prepare-data"]["pvcMount"][0]["mountPath"] == "/data"
+    capsys.readouterr()
+
+    for bad, says in (
+        ("data: {pvc: team-data, mount_path: data}\n", "absolute path"),
+        ("data: {claim: team-data}\n", "unknown key"),
+        ("data: {mount_path: /data}\n", "pvc"),
+        ("data: team-data\n", "mapping"),
+    ):
+        platform.write_text(bad)
+        assert cli_main(argv) == 2, bad
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and says in lines[0] and "data" in lines[0], (bad, err)

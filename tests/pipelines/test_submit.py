@@ -24,6 +24,7 @@ from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "t0ken-for-tests"
+MLFLOW = "tracking_uri=http://mlflow.mlflow.svc:5000"  # submit needs a tracking server when tracking is on
 
 
 @dataclass
@@ -185,7 +186,8 @@ def test_existing_experiment_is_reused_and_env_endpoint_honoured(
     monkeypatch.setenv("KF_PIPELINES_ENDPOINT", kfp_server.url)
     monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
     package = tmp_path / "sweep.yaml"
-    assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), "--sweep", "-o", str(package)]) == 0
+    compile_args = ["--sweep", "--tracking-uri", "http://mlflow.mlflow.svc:5000", "-o", str(package)]
+    assert cli_main(["compile", "--params", str(ROOT / "params.yaml"), *compile_args]) == 0
     rc = _submit(
         "--sweep", "--package", str(package), "--namespace", "team-a", "--param", "ft_lrs=[0.01, 0.1]"
     )
@@ -200,7 +202,7 @@ def test_existing_experiment_is_reused_and_env_endpoint_honoured(
 
 def test_unreachable_host_is_a_clear_error(capsys) -> None:
     host = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    rc = _submit("--host", host, "--token", TOKEN, "--experiment", "x", "--run-name", "y")
+    rc = _submit("--host", host, "--token", TOKEN, "--experiment", "x", "--run-name", "y", "--param", MLFLOW)
     err = capsys.readouterr().err
     assert rc == 2
     assert f"cannot reach Kubeflow Pipelines host {host}" in err
@@ -208,7 +210,18 @@ def test_unreachable_host_is_a_clear_error(capsys) -> None:
 
 
 def test_failed_auth_is_a_clear_error(kfp_server: FakeKfp, capsys) -> None:
-    rc = _submit("--host", kfp_server.url, "--token", "wrong", "--experiment", "x", "--run-name", "y")
+    rc = _submit(
+        "--host",
+        kfp_server.url,
+        "--token",
+        "wrong",
+        "--experiment",
+        "x",
+        "--run-name",
+        "y",
+        "--param",
+        MLFLOW,
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert f"authentication failed at Kubeflow Pipelines host {kfp_server.url} (HTTP 401)" in err
