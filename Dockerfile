@@ -30,7 +30,7 @@ RUN apt-get update \
 RUN groupadd --gid 1000 daft \
     && useradd --uid 1000 --gid daft --create-home --home-dir /home/daft --shell /usr/sbin/nologin daft
 
-WORKDIR /app
+WORKDIR /src
 
 # Dependencies first (a layer that survives source edits): the same pinned command as README.md.
 COPY pyproject.toml constraints.txt README.md ./
@@ -44,11 +44,15 @@ COPY daft_core ./daft_core
 COPY components ./components
 COPY pipelines ./pipelines
 COPY params.yaml dvc.yaml ./
+# A regular (non-editable) install; the steps then run in an empty working directory, as a pod should:
+# no repository, no params.yaml beside them (hidden shared-file assumptions fail here as in `run-local
+# --isolated`). params.yaml stays in /src for `python -m pipelines compile --params /src/params.yaml`.
 RUN pip install -c constraints.txt . \
-    && python -c "import daft_core, components, pipelines, kfp, kfp.kubernetes, mlflow" \
-    && chown -R daft:daft /app
+    && mkdir -p /work && chown daft:daft /work \
+    && cd /work && python -c "import daft_core, components, pipelines, kfp, kfp.kubernetes, mlflow"
 
 USER daft
+WORKDIR /work
 ENV HOME=/home/daft \
     MPLCONFIGDIR=/home/daft/.cache/matplotlib \
     TORCH_HOME=/home/daft/.cache/torch

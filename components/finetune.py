@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +26,12 @@ from components.params import Params
 from components.publish import publish_model
 
 if TYPE_CHECKING:
+    from daft_core.recipes import Recipe
     from daft_core.training import FinetuneConfig
 
 log = logging.getLogger(__name__)
+
+RESUME_URI_ENV = "DAFT_RESUME_URI"  # s3://bucket/prefix: the resumable checkpoint also lives there
 
 
 def finetune_config(params: Params, method: str, **overrides: Any) -> FinetuneConfig:
@@ -55,6 +60,79 @@ def finetune_config(params: Params, method: str, **overrides: Any) -> FinetuneCo
     return FinetuneConfig(**{**settings, **overrides})
 
 
+def point_key(recipe: Recipe) -> str:
+    """A sweep point's part of the resume store key, from its learning rates: ``h0.01-b0.001``."""
+    return f"h{float(recipe.head_lr)!r}-b{float(recipe.backbone_lr)!r}"
+
+
+def resume_store_uri(params: Params, method: str, recipe: Recipe) -> str | None:
+    """``<DAFT_RESUME_URI>/<run id>/<method>/<point key>/last.pt``, or None when the store is not set.
+
+    The run id is ``DAFT_PIPELINE_RUN_ID`` (Kubeflow's run id, the same for every retry of a pod), else the
+    id every step of a local run derives from the code and params (components.tracking.identity).
+    """
+    from components.storage import split_s3_uri
+
+    prefix = os.environ.get(RESUME_URI_ENV, "").strip()
+    if not prefix:
+        return None
+    split_s3_uri(prefix)  # StorageError naming the value: only s3:// is supported
+    run_id = os.environ.get("DAFT_PIPELINE_RUN_ID", "").strip()
+    if not run_id:
+        from components.params import params_to_json
+        from components.tracking.identity import pipeline_run_id
+
+        run_id = pipeline_run_id(params_to_json(params))
+    run_id = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    return f"{prefix.rstrip('/')}/{run_id}/{method}/{point_key(recipe)}/last.pt"
+
+
+class ResumeStore:
+    """The resumable checkpoint's copy in the object store, so a retried pod (a fresh disk) resumes.
+
+    `pull` before training (only when there is no local ``last.pt``: a local one is at least as new),
+    `push` after each epoch's checkpoint (best effort: a failed upload is a warning, training goes on),
+    `drop` once the step has succeeded. The library decides whether a pulled checkpoint belongs to this run
+    (its fingerprint); another run's is set aside, and the next `push` replaces it.
+    """
+
+    def __init__(self, uri: str, resume_dir: Path) -> None:
+        self.uri, self.local = uri, resume_dir / "last.pt"
+
+    def pull(self, resume: str) -> bool:
+        from components import storage
+
+        if resume == "never":
+            return False
+        if self.local.exists():
+            log.info("resume store: keeping the local %s (not downloading %s)", self.local, self.uri)
+            return False
+        if not storage.exists(self.uri):  # also fails fast on a missing bucket or refused credentials
+            log.info("resume store: no checkpoint at %s yet; starting fresh", self.uri)
+            return False
+        part = self.local.with_name(".last.pt.download")
+        storage.fetch_file(self.uri, part)
+        os.replace(part, self.local)
+        log.info("resume store: downloaded %s to %s", self.uri, self.local)
+        return True
+
+    def push(self) -> None:
+        from components import storage
+
+        try:
+            storage.put_file(self.local, self.uri)
+        except storage.StorageError as e:
+            log.warning("resume store: upload failed (a retry would redo this epoch): %s", e)
+
+    def drop(self) -> None:
+        from components import storage
+
+        try:
+            storage.delete(self.uri)
+        except storage.StorageError as e:
+            log.warning("resume store: could not delete %s after success: %s", self.uri, e)
+
+
 def run(
     params: Params,
     method: str,
@@ -66,6 +144,7 @@ def run(
 ) -> dict[str, Any]:
     from daft_core.atomic import recover
     from daft_core.data.checks import check_labels_fit
+    from daft_core.faults import kill_point
     from daft_core.models import load_model
     from daft_core.training import finetune
 
@@ -91,8 +170,16 @@ def run(
         # A stable place for the resumable checkpoint, so a killed run continues where it stopped.
         resume_dir = Path(out_dir).parent / f".{Path(out_dir).name}.resume"
         recover(resume_dir / "last.pt")  # torn temporaries of a checkpoint write a kill interrupted
+        store_uri = resume_store_uri(params, method, recipe)
+        store = ResumeStore(store_uri, resume_dir) if store_uri else None
+        if store is not None:
+            store.pull(resume)
 
         def on_epoch(record: dict[str, Any]) -> None:
+            # The library calls this after the epoch's last.pt is written: upload it before anything else.
+            if store is not None:
+                store.push()
+                kill_point("finetune.after_resume_upload")  # fault tests: die with the upload done
             tracker.log_epoch(record)
 
         check_labels_fit(model.num_classes, bundle, str(model_file(model_in)), data_where=str(data_dir))
@@ -137,6 +224,8 @@ def run(
             source=start,
         )
         shutil.rmtree(resume_dir, ignore_errors=True)
+        if store is not None:
+            store.drop()
         summary.update(head_lr=recipe.head_lr, backbone_lr=recipe.backbone_lr, **tracker.run_info())
         log.info(
             "%s: best ID val %.4f at epoch %d (%.1fs)",

@@ -18,12 +18,15 @@ from typing import Any
 
 __all__ = [
     "StorageError",
+    "delete",
     "endpoint_url",
+    "exists",
     "fetch_file",
     "fetch_tree",
     "file_sha256",
     "install",
     "is_uri",
+    "put_file",
     "s3_client",
     "split_s3_uri",
     "tree_digest",
@@ -200,6 +203,67 @@ def fetch_tree(uri_prefix: str, dest_dir: str | os.PathLike[str]) -> list[Path]:
         return list(pool.map(download, plan))  # the first failure (in key order) is raised
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _object_key(uri: str) -> tuple[str, str]:
+    """``(bucket, key)`` of a URI that must name one object, not a prefix."""
+    bucket, key = split_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"{uri}: names a prefix, not an object")
+    return bucket, key
+
+
+def put_file(path: str | os.PathLike[str], uri: str) -> str:
+    """Upload the local file ``path`` to the object ``s3://bucket/key``; returns ``uri``.
+
+    Atomic for readers: S3 makes an object visible only once its PUT (or multipart upload) completes, so
+    a reader sees the previous object or the new one, never a torn one.
+    """
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _object_key(uri)
+    client = s3_client()
+    try:
+        client.upload_file(os.fspath(path), bucket, key)
+    except S3UploadFailedError as e:  # boto3 wraps the ClientError of a failed upload
+        cause = e.__context__ if isinstance(e.__context__, ClientError) else e
+        raise _explain(uri, cause, client) from e
+    except (ClientError, BotoCoreError) as e:
+        raise _explain(uri, e, client) from e
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri}: cannot upload {path}: no such file") from e
+    return uri
+
+
+def exists(uri: str) -> bool:
+    """True when the object ``s3://bucket/key`` exists; False when only the key is missing (a missing
+    bucket, refused credentials or an unreachable endpoint raise :class:`StorageError`)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _object_key(uri)
+    client = s3_client()
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if _code(e) in ("404", "NoSuchKey", "NotFound") and not _bucket_missing(client, bucket):
+            return False
+        raise _explain(uri, e, client) from e
+    except BotoCoreError as e:
+        raise _explain(uri, e, client) from e
+    return True
+
+
+def delete(uri: str) -> None:
+    """Delete the object ``s3://bucket/key``; a key that is already gone is fine (S3 semantics)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = _object_key(uri)
+    client = s3_client()
+    try:
+        client.delete_object(Bucket=bucket, Key=key)
+    except (ClientError, BotoCoreError) as e:
+        raise _explain(uri, e, client) from e
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

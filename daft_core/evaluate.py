@@ -206,6 +206,7 @@ def _evaluate_set(
     bins_correct = torch.zeros(n_bins, dtype=torch.float64)
     class_count: torch.Tensor | None = None
     class_correct: torch.Tensor | None = None
+    confusion: torch.Tensor | None = None  # (true, predicted) counts, flattened
     l2s: list[torch.Tensor] = []
     rel_l2s: list[torch.Tensor] = []
     cos_sum = 0.0
@@ -219,6 +220,7 @@ def _evaluate_set(
         if class_count is None:
             class_count = torch.zeros(num_classes, dtype=torch.float64)
             class_correct = torch.zeros(num_classes, dtype=torch.float64)
+            confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64)
         y = y.long()
         probs = logits.softmax(dim=1)
         conf, pred = probs.max(dim=1)
@@ -231,6 +233,8 @@ def _evaluate_set(
         bins_correct.index_add_(0, idx, hit.cpu())
         class_count.index_add_(0, y.cpu(), torch.ones(y.shape[0], dtype=torch.float64))
         class_correct.index_add_(0, y.cpu(), hit.cpu())
+        assert confusion is not None
+        confusion += torch.bincount((y * num_classes + pred).cpu(), minlength=confusion.numel())
         if reference is not None:
             f = feats.flatten(1).double()
             r = reference.features(x).flatten(1).double()
@@ -242,18 +246,18 @@ def _evaluate_set(
             l2s.append(d.cpu())
             rel_l2s.append((d / r.norm(dim=1).clamp_min(1e-12)).cpu())
             cos_sum += float(F.cosine_similarity(f, r, dim=1, eps=1e-12).sum())
-    assert class_count is not None and class_correct is not None
+    assert class_count is not None and class_correct is not None and confusion is not None
     names = list(class_names) if class_names else [str(i) for i in range(num_classes or 0)]
+    labels = [names[c] if c < len(names) else str(c) for c in range(class_count.shape[0])]
     per_class = {
-        (names[c] if c < len(names) else str(c)): (
-            float(class_correct[c] / class_count[c]) if class_count[c] > 0 else None
-        )
-        for c in range(class_count.shape[0])
+        label: (float(class_correct[c] / class_count[c]) if class_count[c] > 0 else None)
+        for c, label in enumerate(labels)
     }
     out: dict[str, Any] = {
         "n": n_total,
         "accuracy": correct / n_total,
         "per_class_accuracy": per_class,
+        "confusion_matrix": {"classes": labels, "matrix": confusion.view(len(labels), -1).tolist()},
         "ece": _ece_from_bins(bins_count, bins_conf, bins_correct),
         "nll": nll_sum / n_total,
     }
@@ -281,10 +285,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``model`` on each named set, plus distortion against ``reference`` (the pretrained model).
 
-    Returns ``{"sets": {name: {"n", "accuracy", "per_class_accuracy", "ece", "nll"[, "feature_distortion":
-    {"l2_mean", "l2_median", "relative_l2_mean", "cosine_mean"}]}}, "parameter_distance": {...} | None}``.
+    Returns ``{"sets": {name: {"n", "accuracy", "per_class_accuracy", "confusion_matrix", "ece", "nll"[,
+    "feature_distortion": {"l2_mean", "l2_median", "relative_l2_mean", "cosine_mean"}]}},
+    "parameter_distance": {...} | None}``.
     ``per_class_accuracy`` maps every class of the head to its accuracy (None when absent from the set);
     names come from ``class_names``, else the set's own (or another set's) list matching the head size.
+    ``confusion_matrix`` is ``{"classes": [name, ...], "matrix": [[int]]}``: ``matrix[i][j]`` counts the
+    set's images of class ``classes[i]`` predicted as ``classes[j]`` (every class of the head, in its order).
     Models only need ``features(x)`` and ``head``; both run in eval mode, and every submodule's
     train/eval flag (and the device) is restored afterwards.
     """

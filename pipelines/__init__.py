@@ -7,4 +7,8 @@
 Nothing here is imported by ``components`` or ``daft_core`` (the arrows point one way).
 """
 
-DEFAULT_IMAGE = "ghcr.io/daft-pipeline/daft-pipeline:0.1.0"
+IMAGE_REPOSITORY = "ghcr.io/daft-pipeline/daft-pipeline"
+IMAGE_VERSION = "0.1.0"
+# The Dockerfile's two builds: TORCH_VARIANT=cpu (the tag without a suffix) and TORCH_VARIANT=cuda (`-cuda`).
+DEFAULT_IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_VERSION}"  # CPU torch: the default with --no-gpu
+DEFAULT_CUDA_IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_VERSION}-cuda"  # CUDA torch: the default with GPUs on

@@ -4,10 +4,12 @@
     run-local   the whole DAG here with kfp.local.SubprocessRunner(use_venv=False); the outputs land where
                 `dvc repro` puts them (metrics/methods/*.json, reports/) under --out
     submit      compile and create a run on a Kubeflow Pipelines host (kfp.Client; KF_PIPELINES_ENDPOINT);
-                with tracking on, refused (before contacting the host) without an MLflow tracking server
+                with tracking on, refused (before contacting the host) without an MLflow tracking server;
+                --pipeline-name uploads a pipeline version, --wait follows the run (pipelines/submit.py)
 
 Exit status: 0 on success, 2 on a usage / connection / authentication / pipeline error (one clear line,
-credentials masked), 130 on Ctrl-C, 1 on an unexpected error (a bug: traceback shown).
+credentials masked), 130 on Ctrl-C, 1 on an unexpected error (a bug: traceback shown), 3 when
+`submit --wait` sees the run end other than SUCCEEDED.
 
 A tracking URI carrying credentials (``http://user:pass@host``, ``?token=...``) is refused: the compiled YAML,
 the run's arguments on the Kubeflow server and kfp.local's files would store it in plain text. The steps
@@ -18,6 +20,7 @@ read MLflow credentials from the ``daft-mlflow-credentials`` Kubernetes secret
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -25,15 +28,13 @@ import os
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipelines import DEFAULT_IMAGE
+from pipelines import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE
 
 log = logging.getLogger("pipelines")
 
@@ -41,8 +42,7 @@ HOST_ENV = "KF_PIPELINES_ENDPOINT"  # the variable kfp.Client itself reads
 TOKEN_ENV = "KF_PIPELINES_TOKEN"  # ours: keeps the token out of the process list / shell history
 DEFAULT_PACKAGE = "daft_pipeline.yaml"
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
-PLATFORM_SECTIONS = {"resources", "gpu", "secrets", "retries", "sweep", "caching", "data"}
-DATA_PVC_MOUNT = "/data"  # the platform file's `data.mount_path` default
+IMAGE_ENV = "DAFT_IMAGE"  # an explicit base image, like --image
 
 
 class CliError(RuntimeError):
@@ -60,11 +60,18 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value of it")
     g.add_argument("--sweep", action="store_true", help="the learning-rate sweep pipeline (ParallelFor)")
     g.add_argument(
-        "--image", default=os.environ.get("DAFT_IMAGE", DEFAULT_IMAGE), help="base image (%(default)s)"
+        "--image",
+        default=None,
+        help=f"base image (default ${IMAGE_ENV}, else {DEFAULT_CUDA_IMAGE} with GPUs, {DEFAULT_IMAGE} "
+        "with --no-gpu); a CPU image (tag ...-cpu) with GPUs is refused",
     )
     g.add_argument("--tracking-uri", default="", help="default of the tracking_uri pipeline parameter")
     g.add_argument(
-        "--platform", default=None, metavar="YAML", help="resources / gpu / secrets / retries / sweep"
+        "--platform",
+        default=None,
+        metavar="YAML",
+        help="platform settings: resources, gpu, secrets, retries, node_selector, tolerations, timeouts, "
+        "... (docs/kubeflow.md)",
     )
     g.add_argument(
         "--gpu", action=argparse.BooleanOptionalAction, default=True, help="GPU for finetune + probe"
@@ -75,22 +82,31 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cache", action=argparse.BooleanOptionalAction, default=None, help="task caching (default on)"
     )
-    g.add_argument("--sweep-parallelism", type=int, default=0, help="max sweep points at once (0: all)")
+    g.add_argument(
+        "--sweep-parallelism",
+        type=int,
+        default=None,
+        help="max sweep points of a method at once, >= 1 (default: the platform file's, else 4)",
+    )
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
+    """The platform file, validated (pipelines.platform: unknown keys, types and step names are errors)."""
     import yaml
+
+    from pipelines.platform import PlatformError, validate_platform
 
     p = Path(path)
     if not p.is_file():
         raise CliError(f"{path} not found")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise CliError(f"{path} must hold a mapping")
-    unknown = set(data) - PLATFORM_SECTIONS
-    if unknown:
-        raise CliError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(PLATFORM_SECTIONS)}")
-    return data
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CliError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    try:
+        return validate_platform(data, path)
+    except PlatformError as e:
+        raise CliError(str(e)) from None
 
 
 MLFLOW_SECRET = "daft-mlflow-credentials"
@@ -119,72 +135,75 @@ def refuse_credentials(uri: str, where: str, *, local: bool = False) -> None:
 
 
 def build_options(args: argparse.Namespace, *, local: bool = False):  # -> PipelineOptions
-    from pipelines.pipeline import DEFAULT_SWEEP, PipelineOptions, merge_resources
+    from pipelines.pipeline import (
+        DEFAULT_SWEEP,
+        DEFAULT_SWEEP_PARALLELISM,
+        PipelineOptions,
+        merge_resources,
+    )
+    from pipelines.platform import DATA_PVC_MOUNT
 
     refuse_credentials(args.tracking_uri, "--tracking-uri", local=local)
     platform = _load_yaml(args.platform) if args.platform else {}
     gpu = platform.get("gpu") or {}
     retries = platform.get("retries") or {}
     kw: dict[str, Any] = {
-        "image": args.image,
+        # None: PipelineOptions picks the CUDA build with GPUs, the CPU build without
+        "image": args.image or os.environ.get(IMAGE_ENV) or None,
+        "image_has_cuda": gpu.get("image_has_cuda"),
         "sweep": args.sweep,
         "sweep_grid": {**DEFAULT_SWEEP, **(platform.get("sweep") or {})},
-        "sweep_parallelism": args.sweep_parallelism,
+        "sweep_parallelism": (
+            args.sweep_parallelism
+            if args.sweep_parallelism is not None
+            else platform.get("sweep_parallelism") or DEFAULT_SWEEP_PARALLELISM
+        ),
         "tracking_uri": args.tracking_uri,
         "resources": merge_resources(platform.get("resources")),
         "gpu": args.gpu and gpu.get("enabled", True),
         "local": local,
     }
+    settings = ("node_selector", "tolerations", "image_pull_secrets", "timeouts", "scratch", "resume_uri")
+    for section in settings:
+        if platform.get(section):
+            kw[section] = platform[section]
     if "secrets" in platform:
         kw["secrets"] = platform["secrets"] or {}
-    for src, dst in (("type", "gpu_type"), ("count", "gpu_count"), ("steps", "gpu_steps")):
-        if src in gpu:
+    for src, dst in (
+        ("type", "gpu_type"),
+        ("count", "gpu_count"),
+        ("steps", "gpu_steps"),
+        ("node_selector", "gpu_node_selector"),
+    ):
+        if gpu.get(src) is not None:
             kw[dst] = gpu[src]
-    if "node_selector" in gpu:
-        kw["gpu_node_selector"] = gpu["node_selector"]
     if args.gpu_type:
         kw["gpu_type"] = args.gpu_type
     if args.gpu_count is not None:
         kw["gpu_count"] = args.gpu_count
-    for src, dst in (("count", "retries"), ("backoff", "backoff_duration"), ("factor", "backoff_factor")):
-        if src in retries:
+    for src, dst in (
+        ("count", "retries"),
+        ("backoff", "backoff_duration"),
+        ("factor", "backoff_factor"),
+        ("max_backoff", "backoff_max_duration"),
+    ):
+        if retries.get(src) is not None:
             kw[dst] = retries[src]
-    if "max_backoff" in retries:
-        kw["backoff_max_duration"] = retries["max_backoff"]
     if args.retries is not None:
         kw["retries"] = args.retries
     elif local:
         kw["retries"] = 0  # fail fast on this machine; a cluster retries (pod evictions, flaky nodes)
-    if "caching" in platform:
-        kw["caching"] = bool(platform["caching"])
-    if platform.get("data") is not None:
-        kw["data_pvc"] = _data_pvc(platform["data"], args.platform)
+    if platform.get("caching") is not None:
+        kw["caching"] = platform["caching"]
+    if platform.get("data") is not None:  # validated: {pvc, mount_path}
+        data = platform["data"]
+        kw["data_pvc"] = {"name": data["pvc"], "mount_path": data.get("mount_path", DATA_PVC_MOUNT)}
     if args.cache is not None:
         kw["caching"] = args.cache
     try:
         return PipelineOptions(**kw)
-    except TypeError as e:
-        raise CliError(f"invalid platform settings: {e}") from None
-
-
-def _data_pvc(section: Any, path: str) -> dict[str, str]:
-    """The platform file's ``data: {pvc: NAME, mount_path: /data}`` as PipelineOptions.data_pvc."""
-    from pipelines.pipeline import check_data_pvc
-
-    where = f"{path}: data"
-    if not isinstance(section, Mapping):
-        raise CliError(f"{where} must be a mapping like {{pvc: my-data, mount_path: {DATA_PVC_MOUNT}}}")
-    unknown = set(section) - {"pvc", "mount_path"}
-    if unknown:
-        raise CliError(f"{where}: unknown key(s) {sorted(unknown)}; known: ['mount_path', 'pvc']")
-    if "pvc" not in section:
-        raise CliError(f"{where}: `pvc` (the PersistentVolumeClaim holding the data) is required")
-    pvc = {"name": section["pvc"], "mount_path": section.get("mount_path", DATA_PVC_MOUNT)}
-    try:
-        check_data_pvc(pvc)
-    except ValueError as e:
-        raise CliError(f"{where}: {e}") from None
-    return pvc
+    except (TypeError, ValueError) as e:
+        raise CliError(f"invalid platform settings: {e}" if isinstance(e, TypeError) else str(e)) from None
 
 
 def load_params_for(args: argparse.Namespace):  # -> Params
@@ -249,19 +268,30 @@ def run_local(
     out_dir: str | os.PathLike[str],
     arguments: Mapping[str, Any] | None = None,
     cache: bool = False,
+    isolated: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole DAG with kfp.local's SubprocessRunner (this interpreter, no venv, no containers).
 
     Copies the report step's output to `out_dir` in DVC's layout (metrics/methods/*.json, reports/, and
-    metrics/sweep.json for a sweep) and returns reports/summary.json.
+    metrics/sweep.json for a sweep) and returns reports/summary.json. With `isolated` (a pods root outside
+    any project), each step runs as in its own pod (`pipelines.local`): own empty working directory, HOME
+    and TMPDIR, a pod's environment, the project only as the installed package.
     """
     from kfp import local
 
     from pipelines.pipeline import build_pipeline
 
+    if isolated is not None:
+        from pipelines.local import IsolationError, check_pods_root
+
+        try:
+            check_pods_root(Path(isolated).resolve())  # before anything is written
+        except IsolationError as e:
+            raise CliError(str(e)) from None
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    _project_on_pythonpath()
+    if isolated is None:
+        _project_on_pythonpath()
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
@@ -269,15 +299,37 @@ def run_local(
         enable_caching=cache,
     )
     pipeline = build_pipeline(params, replace(opts, local=True))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(local_run_id())  # the steps' DAFT_PIPELINE_RUN_ID (no pod label here)
+        pods = None
+        if isolated is not None:
+            from pipelines.local import IsolationError, isolated_steps
+
+            try:
+                pods = stack.enter_context(isolated_steps(isolated))
+            except IsolationError as e:
+                raise CliError(str(e)) from None
+        task = _run_pipeline(pipeline, arguments, pods)
+    summary = _copy_report(Path(task.output.path), Path(out_dir))
+    if pods is not None:
+        summary["pods_root"] = str(pods.root)
+    return summary
+
+
+def _run_pipeline(pipeline: Any, arguments: Mapping[str, Any] | None, pods: Any = None) -> Any:
     with warnings.catch_warnings():
         # The base image is irrelevant here (the subprocess runs this interpreter); resources are left out.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
-            task = pipeline(**dict(arguments or {}))
+            return pipeline(**dict(arguments or {}))
         except RuntimeError as e:
+            if pods is not None and pods.problems:
+                raise CliError(f"local pipeline run failed: {'; '.join(pods.problems)}") from None
             raise CliError(f"local pipeline run failed: {e}") from None
-    report_dir = Path(task.output.path)
-    out = Path(out_dir)
+
+
+def _copy_report(report_dir: Path, out: Path) -> dict[str, Any]:
+    """The report artifact in DVC's layout under `out`; returns reports/summary.json."""
     methods = out / "metrics" / "methods"
     methods.mkdir(parents=True, exist_ok=True)
     for f in sorted((report_dir / "metrics" / "methods").glob("*.json")):
@@ -290,6 +342,27 @@ def run_local(
     summary = json.loads((out / "reports" / "summary.json").read_text())
     summary["report_dir"] = str(report_dir)
     return summary
+
+
+@contextlib.contextmanager
+def local_run_id() -> Iterator[str]:
+    """``DAFT_PIPELINE_RUN_ID`` for one local run, in this process's environment while it runs: kfp.local's
+    SubprocessRunner starts the steps with it, so they group under one MLflow parent run (on a cluster the
+    pods read it from their ``pipeline/runid`` label). A value already set is kept (the caller's choice)."""
+    import uuid
+
+    from pipelines.components import PIPELINE_ID_ENV
+
+    before = os.environ.get(PIPELINE_ID_ENV)
+    run_id = (before or "").strip() or f"local-{uuid.uuid4().hex}"
+    os.environ[PIPELINE_ID_ENV] = run_id
+    try:
+        yield run_id
+    finally:
+        if before is None:
+            os.environ.pop(PIPELINE_ID_ENV, None)
+        else:
+            os.environ[PIPELINE_ID_ENV] = before
 
 
 def _project_on_pythonpath() -> None:
@@ -311,14 +384,25 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     opts = build_options(args, local=True)
     signature = inspect.signature(build_pipeline(params, replace(opts, local=True)).pipeline_func)
     arguments = parse_pipeline_args(args.param, signature, local=True)
-    summary = run_local(
-        params,
-        opts,
-        pipeline_root=args.pipeline_root,
-        out_dir=args.out,
-        arguments=arguments,
-        cache=bool(args.cache),
-    )
+    pods_root, temporary = args.pods_root, False
+    if args.isolated and pods_root is None:
+        pods_root, temporary = tempfile.mkdtemp(prefix="daft-pods-"), True
+    try:
+        summary = run_local(
+            params,
+            opts,
+            pipeline_root=args.pipeline_root,
+            out_dir=args.out,
+            arguments=arguments,
+            cache=bool(args.cache),
+            isolated=pods_root if args.isolated else None,
+        )
+    except BaseException:
+        if args.isolated:
+            log.error("the steps' working directories are kept in %s", pods_root)
+        raise
+    if temporary:
+        shutil.rmtree(pods_root, ignore_errors=True)
     print(
         f"local run finished: champion {summary['champion']} "
         f"(ID val {summary['champion_id_val_accuracy']:.4f}); outputs in {Path(args.out).resolve()}"
@@ -327,193 +411,14 @@ def cmd_run_local(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# submit
+# submit (pipelines/submit.py)
 # --------------------------------------------------------------------------------------------------
 
 
-def check_host(host: str, token: str | None, timeout: float = 10.0) -> None:
-    """One GET of the KFP healthz endpoint, so an unreachable host or a refused token fails in seconds.
-
-    (kfp.Client itself retries healthz 5 times, 5 s apart, and then raises a bare TimeoutError.)
-    """
-    url = host.rstrip("/") + HEALTHZ_PATH
-    req = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            resp.read()
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise CliError(
-                f"authentication failed at Kubeflow Pipelines host {host} (HTTP {e.code}); pass a valid "
-                f"--token (or {TOKEN_ENV}) for that host"
-            ) from None
-        raise CliError(f"Kubeflow Pipelines host {host} answered HTTP {e.code} on {HEALTHZ_PATH}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise CliError(
-            f"cannot reach Kubeflow Pipelines host {host} ({reason}); check --host (or {HOST_ENV}), "
-            "the port-forward / ingress, and the network"
-        ) from None
-
-
-def submit(
-    package: str,
-    *,
-    host: str,
-    token: str | None,
-    namespace: str | None,
-    experiment: str,
-    run_name: str,
-    arguments: Mapping[str, Any],
-    pipeline_root: str | None = None,
-    service_account: str | None = None,
-) -> str:
-    """Create a run of `package` on `host`; returns the run id."""
-    import kfp
-    from kfp_server_api.exceptions import ApiException
-
-    check_host(host, token)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "This client only works with KFP v2.0.0-beta.2+"
-        try:
-            client = kfp.Client(host=host, existing_token=token or None, namespace=namespace or "kubeflow")
-            result = client.create_run_from_pipeline_package(
-                package,
-                arguments=dict(arguments),
-                run_name=run_name,
-                experiment_name=experiment,
-                namespace=namespace or None,
-                pipeline_root=pipeline_root,
-                service_account=service_account,
-            )
-        except ApiException as e:
-            if e.status in (401, 403):
-                raise CliError(
-                    f"authentication failed at Kubeflow Pipelines host {host} (HTTP {e.status}): {e.reason}"
-                ) from None
-            raise CliError(
-                f"Kubeflow Pipelines host {host} refused the run (HTTP {e.status}): {e.body}"
-            ) from None
-        except TimeoutError as e:
-            raise CliError(f"cannot reach Kubeflow Pipelines host {host} ({e})") from None
-    return result.run_id
-
-
-TRACKING_SERVER_EXAMPLE = "http://mlflow.mlflow.svc.cluster.local:5000"
-
-
-URI_ENV = "MLFLOW_TRACKING_URI"
-
-
-def _package_docs(package: str) -> list[Any]:
-    import yaml
-
-    try:
-        return [d for d in yaml.safe_load_all(Path(package).read_text()) if isinstance(d, dict)]
-    except (OSError, yaml.YAMLError):
-        return []
-
-
-def _package_defaults(docs: list[Any]) -> dict[str, Any]:
-    """The pipeline parameters' defaults compiled into a package ({} when it has none)."""
-    try:
-        parameters = docs[0]["root"]["inputDefinitions"]["parameters"]
-        return {k: v["defaultValue"] for k, v in parameters.items() if "defaultValue" in v}
-    except (IndexError, KeyError, TypeError, AttributeError):
-        return {}
-
-
-def _package_secret_envs(docs: list[Any]) -> set[str]:
-    """The environment variables a package's steps get from Kubernetes secrets."""
-    try:
-        executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-        return {
-            k.get("envVar", "")
-            for ex in executors.values()
-            for secret in ex.get("secretAsEnv", [])
-            for k in secret.get("keyToEnv", [])
-        }
-    except (IndexError, KeyError, TypeError, AttributeError):
-        return set()
-
-
-def require_tracking_server(
-    args: argparse.Namespace, params: Any, opts: Any, arguments: dict[str, Any]
-) -> None:
-    """CliError when the run would track to no server: with tracking on (the `tracking` parameter, else
-    the package's default, else params' ``pipeline.tracking``), the tracking URI (``--param tracking_uri``,
-    else ``--tracking-uri``, else the package's default) must be an http(s) or Databricks server, or, left
-    empty, the pods must get ``MLFLOW_TRACKING_URI`` from a secret (the platform file's ``secrets:``).
-    Otherwise each pod would log to its own sqlite store, lost with the pod (and the steps refuse to start).
-
-    With ``--package``, ``--tracking-uri`` is passed as the ``tracking_uri`` argument (it cannot change
-    the compiled default).
-    """
-    from components.tracking.identity import is_server_uri
-    from components.tracking.retries import redact_uri
-
-    docs = _package_docs(args.package) if args.package else []
-    defaults = _package_defaults(docs)
-    if args.package and args.tracking_uri and "tracking_uri" not in arguments:
-        arguments["tracking_uri"] = args.tracking_uri
-    tracking = arguments.get("tracking", defaults.get("tracking", params.pipeline.tracking))
-    if not tracking:
-        return
-    if "tracking_uri" in arguments:
-        uri, where = str(arguments["tracking_uri"] or ""), "--param tracking_uri"
-    elif args.tracking_uri:
-        uri, where = args.tracking_uri, "--tracking-uri"
-    else:
-        uri, where = str(defaults.get("tracking_uri") or ""), "the package's tracking_uri"
-    if is_server_uri(uri):
-        return
-    if not uri.strip():
-        envs = (
-            _package_secret_envs(docs)
-            if args.package
-            else {env for keys in opts.secrets.values() for env in keys.values()}
-        )
-        if URI_ENV in envs:
-            return  # the pods' own MLFLOW_TRACKING_URI, from a secret (the steps check it is a server)
-    given = f"{where} {redact_uri(uri)} is a local store" if uri.strip() else "no tracking server is given"
-    raise CliError(
-        f"tracking is on but {given}: each pod would log to its own store, lost when the pod ends (and "
-        f"the steps refuse to start). Fix: pass --param tracking_uri={TRACKING_SERVER_EXAMPLE} (or "
-        f"--tracking-uri; or map {URI_ENV} from a secret in the platform file), or turn tracking off with "
-        "--param tracking=false"
-    )
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipelines.pipeline import build_pipeline, compile_pipeline
+    from pipelines.submit import cmd_submit as submit_command
 
-    host = args.host or os.environ.get(HOST_ENV)
-    if not host:
-        raise CliError(f"no Kubeflow Pipelines host: pass --host URL or set {HOST_ENV}")
-    token = args.token or os.environ.get(TOKEN_ENV)
-    params = load_params_for(args)
-    opts = build_options(args)
-    signature = inspect.signature(build_pipeline(params, opts).pipeline_func)
-    arguments = parse_pipeline_args(args.param, signature)
-    require_tracking_server(args, params, opts, arguments)  # before contacting the host
-    with tempfile.TemporaryDirectory(prefix="daft-kfp-") as tmp:
-        package = args.package or compile_pipeline(params, opts, str(Path(tmp) / DEFAULT_PACKAGE))
-        run_name = args.run_name or f"{params.pipeline.experiment}-{'sweep' if args.sweep else 'run'}"
-        run_id = submit(
-            package,
-            host=host,
-            token=token,
-            namespace=args.namespace,
-            experiment=args.experiment or params.pipeline.experiment,
-            run_name=run_name,
-            arguments=arguments,
-            pipeline_root=args.pipeline_root,
-            service_account=args.service_account,
-        )
-    print(f"submitted run {run_id} ({run_name}) to {host}")
-    return 0
+    return submit_command(args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -533,12 +438,41 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--pipeline-root", default="kfp_local", help="kfp.local artifact root (%(default)s)")
     r.add_argument("--out", default=".", help="where metrics/methods/ and reports/ go (%(default)s)")
     r.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline argument")
+    r.add_argument(
+        "--isolated",
+        action="store_true",
+        help="run each step as in its own pod: an empty working directory, its own HOME and TMPDIR, a pod's "
+        "environment (KUBERNETES_SERVICE_HOST set: a local MLflow store is refused), no repository in reach",
+    )
+    r.add_argument(
+        "--pods-root",
+        default=None,
+        metavar="DIR",
+        help="with --isolated: where the steps' folders go, outside any project (default: a temporary "
+        "folder, removed after a successful run)",
+    )
     r.set_defaults(func=cmd_run_local)
+
+    from pipelines import submit as kfp_submit
 
     s = sub.add_parser("submit", help="create a run on a Kubeflow Pipelines host")
     _add_build_options(s)
-    s.add_argument("--host", default=None, help=f"KFP API endpoint (default ${HOST_ENV})")
-    s.add_argument("--token", default=None, help=f"bearer token (default ${TOKEN_ENV})")
+    s.add_argument(
+        "--host",
+        default=None,
+        help=f"KFP API endpoint (default ${HOST_ENV}; in a pod: {kfp_submit.IN_CLUSTER_HOST})",
+    )
+    s.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default ${TOKEN_ENV}; in a pod: the service account's token)",
+    )
+    s.add_argument(
+        "--cookie",
+        default=None,
+        help=f"session cookie of an SSO login (Dex) in front of the API, e.g. authservice_session=... "
+        f"(default ${kfp_submit.COOKIE_ENV})",
+    )
     s.add_argument("--namespace", default=None, help="Kubernetes namespace (multi-user deployments)")
     s.add_argument("--experiment", default=None, help="KFP experiment (default: pipeline.experiment)")
     s.add_argument("--run-name", default=None, help="run display name")
@@ -546,6 +480,33 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--package", default=None, help="submit this compiled YAML instead of compiling")
     s.add_argument("--pipeline-root", default=None, help="artifact root (default: the deployment's)")
     s.add_argument("--service-account", default=None, help="Kubernetes service account for the run")
+    s.add_argument(
+        "--pipeline-name",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAME",
+        help="upload the package as a new version of this pipeline (created if missing; NAME defaults to "
+        "the pipeline's own name) and run that version (default: the spec inline in the run)",
+    )
+    s.add_argument(
+        "--version-name", default=None, help="with --pipeline-name: the version's name (default: hash-time)"
+    )
+    s.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"wait for the run to end: exit 0 on SUCCEEDED, {kfp_submit.EXIT_RUN_FAILED} otherwise",
+    )
+    s.add_argument(
+        "--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: stop waiting after this"
+    )
+    s.add_argument(
+        "--poll-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --wait: seconds between state checks (%(default)s)",
+    )
     s.set_defaults(func=cmd_submit)
     return p
 

@@ -6,12 +6,17 @@ project (``components.*`` for the step, and the small runtime helpers at the bot
 the project image has installed; no stage logic lives here.
 
 Conventions
-    * ``params_json``: the whole validated parameter tree (``components.params.params_to_json``), produced
-      once per run by :func:`resolve_params` from params.yaml plus the pipeline parameters.
+    * ``params_json``: the step's own slice of the validated parameter tree (:data:`STEP_PARAMS`: the
+      sections it reads, plus ``pipeline``; the others keep their defaults), produced once per run by
+      :func:`resolve_params` from params.yaml plus the pipeline parameters. A step's inputs are its cache
+      key, so a change elsewhere in params.yaml does not re-run it.
     * ``tracking_uri`` -> ``MLFLOW_TRACKING_URI`` (empty: keep the pod's environment / the components'
-      default); ``pipeline_run_id`` (the KFP run id) -> ``DAFT_PIPELINE_RUN_ID``, so every step's MLflow run
-      hangs under one parent run. Credentials never travel as parameters: they come from Kubernetes secrets
-      as environment variables (see pipelines.pipeline).
+      default). The KFP run id is no input: it arrives as the environment variable ``DAFT_PIPELINE_RUN_ID``
+      (from the pod's ``pipeline/runid`` label on a cluster, set by ``run-local`` here), so every step's
+      MLflow run hangs under one parent run. Credentials never travel as parameters: they come from
+      Kubernetes secrets as environment variables (see pipelines.pipeline).
+    * ``DAFT_EXPECT_GPU=1`` (set on the tasks given a GPU): :func:`step_setup` fails at once when torch
+      finds no CUDA device, instead of training on the CPU for hours.
     * Artifacts are directories where the step writes directories (``dataset.path``, ``model.path``,
       ``evaluation.path``); each step also logs its key numbers to an ``Output[Metrics]``.
     * Each output artifact's metadata records the step's MLflow run (``mlflow_run_id``, ``mlflow_run_url``)
@@ -28,10 +33,10 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, List, Optional  # noqa: UP035  (KFP parses typing forms)
+from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional  # noqa: UP035  (KFP parses typing forms)
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
 
 if TYPE_CHECKING:
     from components.params import Params
@@ -54,15 +59,30 @@ def resolve_params(
     seed: int,
     params: Output[Artifact],
     data_root: str = "",
-) -> str:
-    """Validate params.yaml's tree with the pipeline parameters applied; every other step reads the result.
+) -> NamedTuple(  # inline: KFP ships this function's source alone
+    "StepParams",
+    [
+        ("prepare_data", str),
+        ("pretrained", str),
+        ("convert_bn", str),
+        ("linear_probe", str),
+        ("finetune", str),
+        ("evaluate", str),
+        ("report", str),
+    ],
+):
+    """Validate params.yaml's tree with the pipeline parameters applied; hand each step its own sections.
 
     `data_root` (a path in the pod, e.g. on a mounted PVC, or ``s3://bucket/prefix``) replaces
-    ``data.root``; empty keeps params.yaml's. Returns the tree as a string (``params_json`` of the steps) and
-    writes it to `params` (a JSON file) for the steps inside a sweep's ParallelFor (see pipelines.pipeline:
-    kfp.local cannot pass a task's output parameter into a loop).
+    ``data.root``; empty keeps params.yaml's. Returns one JSON string per step (an output named after the
+    step: the step's sections of :data:`STEP_PARAMS` plus ``pipeline``), the ``params_json`` of that step, so
+    a step's input changes only when what it reads changes (the cache key). Also writes them, step -> tree,
+    to `params` (a JSON file) for the steps inside a sweep's ParallelFor (see pipelines.pipeline: kfp.local
+    cannot pass a task's output parameter into a loop).
     """
-    from pipelines.components import resolve_params_json
+    import json
+
+    from pipelines.components import resolve_params_json, split_params
 
     resolved = resolve_params_json(
         params_json,
@@ -75,15 +95,15 @@ def resolve_params(
         },
         data_root=data_root,
     )
+    parts = split_params(resolved)  # step -> its sections as JSON, in STEP_PARAMS' (the outputs') order
     with open(params.path, "w") as f:
-        f.write(resolved)
-    return resolved
+        json.dump({step: json.loads(text) for step, text in parts.items()}, f, sort_keys=True)
+    return tuple(parts.values())
 
 
 def prepare_data(
     params_json: str,
     tracking_uri: str,
-    pipeline_run_id: str,
     dataset: Output[Dataset],
     metrics: Output[Metrics],
 ):
@@ -91,7 +111,7 @@ def prepare_data(
     from components import prepare_data as step
     from pipelines.components import log_metrics, record_run, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup("prepare_data", params_json, tracking_uri)
     result = step.run(params, dataset.path)
     dataset.metadata["preset"] = params.data.preset
     record_run(dataset, result)
@@ -101,7 +121,6 @@ def prepare_data(
 def pretrained(
     params_json: str,
     tracking_uri: str,
-    pipeline_run_id: str,
     dataset: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
@@ -110,7 +129,7 @@ def pretrained(
     from components import pretrained as step
     from pipelines.components import annotate_model, log_metrics, record_run, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup("pretrained", params_json, tracking_uri)
     info = step.run(params, dataset.path, model.path)
     annotate_model(model, params, "pretrained")
     record_run(model, info, version=info.get("registered_version"))
@@ -120,7 +139,6 @@ def pretrained(
 def convert_bn(
     params_json: str,
     tracking_uri: str,
-    pipeline_run_id: str,
     dataset: Input[Dataset],
     pretrained: Input[Model],
     model: Output[Model],
@@ -130,7 +148,7 @@ def convert_bn(
     from components import convert_bn as step
     from pipelines.components import annotate_model, log_metrics, record_run, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup("convert_bn", params_json, tracking_uri)
     summary = step.run(params, pretrained.path, dataset.path, model.path)
     annotate_model(model, params, "bn_converted")
     record_run(model, summary, version=summary.get("registered_version"))
@@ -140,7 +158,6 @@ def convert_bn(
 def linear_probe(
     params_json: str,
     tracking_uri: str,
-    pipeline_run_id: str,
     dataset: Input[Dataset],
     pretrained: Input[Model],
     model: Output[Model],
@@ -150,7 +167,7 @@ def linear_probe(
     from components import linear_probe as step
     from pipelines.components import annotate_model, log_metrics, record_run, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup("linear_probe", params_json, tracking_uri)
     summary = step.run(params, pretrained.path, dataset.path, model.path)
     annotate_model(model, params, "linear_probe")
     record_run(model, summary, version=summary.get("registered_version"))
@@ -159,7 +176,6 @@ def linear_probe(
 
 def finetune(
     tracking_uri: str,
-    pipeline_run_id: str,
     method: str,
     dataset: Input[Dataset],
     start: Input[Model],
@@ -184,7 +200,7 @@ def finetune(
     from components import finetune as step
     from pipelines.components import annotate_model, log_metrics, method_lrs, record_run, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
+    params = step_setup("finetune", params_json, tracking_uri, params_file)
     lrs = method_lrs(method, learning_rates, lr=lr, head_lr=head_lr, backbone_lr=backbone_lr)
     params = params.with_method_lrs(method, **lrs)
     summary = step.run(params, method, start.path, dataset.path, model.path)
@@ -204,7 +220,6 @@ def finetune(
 
 def evaluate(
     tracking_uri: str,
-    pipeline_run_id: str,
     method: str,
     dataset: Input[Dataset],
     model: Input[Model],
@@ -222,7 +237,7 @@ def evaluate(
     from components.common import write_json
     from pipelines.components import as_mapping, log_metrics, record_run, step_setup
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id, params_file)
+    params = step_setup("evaluate", params_json, tracking_uri, params_file)
     out = Path(evaluation.path)
     out.mkdir(parents=True, exist_ok=True)
     result = step.run(params, method, model.path, reference.path, dataset.path, out / f"{method}.json")
@@ -240,10 +255,11 @@ def evaluate(
 def report(
     params_json: str,
     tracking_uri: str,
-    pipeline_run_id: str,
     lp: Input[Artifact],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    report_md: Output[Markdown],
+    confusion_matrix: Output[ClassificationMetrics],
     ft: Optional[Input[Artifact]] = None,  # noqa: UP045
     lp_ft: Optional[Input[Artifact]] = None,  # noqa: UP045
     daft: Optional[Input[Artifact]] = None,  # noqa: UP045
@@ -252,17 +268,26 @@ def report(
 ):
     """components.report over every method's evaluation; it sets the `champion` alias.
 
-    The report directory mirrors the DVC layout: ``metrics/methods/<method>.json`` and ``reports/``.
+    The report directory mirrors the DVC layout: ``metrics/methods/<method>.json`` and ``reports/``. For the
+    KFP UI: `report_md` (the table and plots), `confusion_matrix` (the champion's, on ID test) and `metrics`
+    (each method's accuracy on every set).
     """
-    from pipelines.components import assemble_report, log_metrics, record_champion, step_setup
+    from pipelines.components import (
+        assemble_report,
+        log_metrics,
+        publish_report_ui,
+        record_champion,
+        step_setup,
+    )
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup("report", params_json, tracking_uri)
     given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per catalogue method:
     given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})  # KFP needs
     groups = {m: [a.path] for m, a in given.items() if a is not None}  # them named (tests check the list)
     summary = assemble_report(params, groups, report.path)
     report.metadata["champion"] = summary["champion"]
     record_champion(report, summary)
+    publish_report_ui(report.path, summary, report_md, confusion_matrix)
     log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
     log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
 
@@ -270,10 +295,11 @@ def report(
 def select_best(
     params_json: str,
     tracking_uri: str,
-    pipeline_run_id: str,
     lp: Input[Artifact],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    report_md: Output[Markdown],
+    confusion_matrix: Output[ClassificationMetrics],
     ft: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
     lp_ft: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
     daft: Optional[Input[List[Artifact]]] = None,  # noqa: UP006, UP045
@@ -283,11 +309,18 @@ def select_best(
     """The sweep's selection: per method the configuration with the best ID val accuracy gets the method's
     alias, then components.report gives the overall best (by ID val) the `champion` alias.
 
-    ``metrics/sweep.json`` in the report directory lists every configuration tried.
+    ``metrics/sweep.json`` in the report directory lists every configuration tried. `report_md`,
+    `confusion_matrix` and `metrics` as in :func:`report`.
     """
-    from pipelines.components import assemble_report, log_metrics, record_champion, step_setup
+    from pipelines.components import (
+        assemble_report,
+        log_metrics,
+        publish_report_ui,
+        record_champion,
+        step_setup,
+    )
 
-    params = step_setup(params_json, tracking_uri, pipeline_run_id)
+    params = step_setup("report", params_json, tracking_uri)
     given = {"ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per fine-tuned catalogue method
     given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})
     groups = {"lp": [lp.path], **{m: [a.path for a in arts] for m, arts in given.items() if arts}}
@@ -295,6 +328,7 @@ def select_best(
     report.metadata["champion"] = summary["champion"]
     report.metadata["selected"] = summary["selected"]
     record_champion(report, summary)
+    publish_report_ui(report.path, summary, report_md, confusion_matrix)
     log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
     log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
     log_metrics(metrics, {"configurations": len(summary["sweep"])})
@@ -327,7 +361,27 @@ def make_components(image: str) -> SimpleNamespace:
 # Runtime helpers: run inside the component's container (imported by the bodies above). Plumbing only.
 # --------------------------------------------------------------------------------------------------
 
-PIPELINE_ID_ENV = "DAFT_PIPELINE_RUN_ID"
+PIPELINE_ID_ENV = "DAFT_PIPELINE_RUN_ID"  # the KFP run id (pod label pipeline/runid; run-local sets it)
+EXPECT_GPU_ENV = "DAFT_EXPECT_GPU"  # "1" on the tasks given a GPU
+NODE_NAME_ENV = "DAFT_NODE_NAME"  # the pod's node (spec.nodeName), on the tasks given a GPU
+
+# Each step's params: the sections (or single keys) its run() reads, as dvc.yaml lists them, plus what the
+# step reads besides (pretrained seeds its init with finetune.seed, convert_bn runs on finetune.device,
+# finetune evaluates each epoch with evaluate.batch_size, and every model-producing step describes its
+# registered version with `model` and `data`: components.publish). Reading `model` / `data` costs no cache
+# hit: a change there re-runs pretrained / prepare_data, whose new artifacts re-run every step below.
+# Every step also gets COMMON_PARAMS. Order = the outputs of resolve_params.
+# tests/pipelines/test_cache.py checks this against dvc.yaml and against what the code reads.
+STEP_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare_data": ("data",),
+    "pretrained": ("model", "data", "finetune.seed"),
+    "convert_bn": ("convert_bn", "model", "data", "finetune.device"),
+    "linear_probe": ("linear_probe", "model", "data"),
+    "finetune": ("finetune", "evaluate.batch_size", "model", "data"),
+    "evaluate": ("evaluate",),
+    "report": (),  # also select_best
+}
+COMMON_PARAMS = ("pipeline",)  # tracking, experiment, registered model: every step
 
 
 def resolve_params_json(params_json: str, overrides: Mapping[str, Any], data_root: str = "") -> str:
@@ -342,27 +396,75 @@ def resolve_params_json(params_json: str, overrides: Mapping[str, Any], data_roo
     return params_to_json(params_from_dict(raw, "pipeline parameters"))
 
 
-def step_setup(
-    params_json: Any, tracking_uri: str, pipeline_run_id: str, params_file: Any = None
-) -> "Params":
-    """Environment for the step (tracking URI, KFP run id), logging, and the validated params.
+def step_tree(tree: Mapping[str, Any], step: str) -> dict[str, Any]:
+    """`step`'s slice of a params tree: its :data:`STEP_PARAMS` (whole sections or single keys) plus
+    :data:`COMMON_PARAMS`; the other sections are left out (the step validates them to their defaults)."""
+    out: dict[str, Any] = {}
+    for dotted in (*COMMON_PARAMS, *STEP_PARAMS[step]):
+        *parents, leaf = dotted.split(".")
+        src, dst = tree, out
+        for part in parents:
+            src, dst = src.get(part, {}), dst.setdefault(part, {})
+        if leaf in src:
+            dst[leaf] = src[leaf]
+    return out
 
-    The params come from `params_json`, or from the `params_file` artifact (resolve_params' JSON file) when
-    given (the steps inside a sweep's ParallelFor).
+
+def split_params(resolved_json: str) -> dict[str, str]:
+    """Step -> its slice of the resolved tree (:func:`step_tree`) as canonical JSON, in STEP_PARAMS' order."""
+    tree = json.loads(resolved_json)
+    return {step: json.dumps(step_tree(tree, step), sort_keys=True) for step in STEP_PARAMS}
+
+
+def step_setup(step: str, params_json: Any, tracking_uri: str, params_file: Any = None) -> "Params":
+    """Environment for the step (tracking URI), logging, the GPU check, and the validated params.
+
+    The params come from `params_json` (the step's slice of the tree, or a whole tree), or from the
+    `params_file` artifact (resolve_params' JSON file: step -> slice) when given (the steps inside a sweep's
+    ParallelFor). The KFP run id is read from ``DAFT_PIPELINE_RUN_ID`` by the tracking code; without it (a
+    backend that does not label its pods ``pipeline/runid``) each step would start its own MLflow parent run,
+    so a pod without it logs a WARNING. With ``DAFT_EXPECT_GPU=1`` and no CUDA device, DeviceError.
     """
     from components import storage
     from components.common import configure_logging
     from components.params import params_from_dict
 
-    if pipeline_run_id and not pipeline_run_id.startswith("{{"):
-        os.environ[PIPELINE_ID_ENV] = pipeline_run_id
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     configure_logging()
+    require_gpu_if_expected()
+    if not os.environ.get(PIPELINE_ID_ENV, "").strip() and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        log.warning(
+            "%s is empty: this Kubeflow Pipelines backend did not give the pod's pipeline/runid label to the "
+            "step (see docs/kubeflow.md, minimum backend), so its MLflow run gets a parent run of its own",
+            PIPELINE_ID_ENV,
+        )
     storage.install()  # s3:// checkpoints through the core's URI hook
     if params_file is not None:
-        return params_from_dict(json.loads(Path(params_file.path).read_text()), "params_file")
-    return params_from_dict(as_mapping(params_json), "params_json")
+        trees = json.loads(Path(params_file.path).read_text())
+        return params_from_dict(trees[step], f"params_file ({step})")
+    return params_from_dict(as_mapping(params_json), f"params_json ({step})")
+
+
+def require_gpu_if_expected() -> None:
+    """DeviceError (one line) when this task was given a GPU (``DAFT_EXPECT_GPU=1``) and torch sees none."""
+    if os.environ.get(EXPECT_GPU_ENV, "").strip() != "1":
+        return
+    import torch
+
+    from daft_core.errors import DeviceError
+
+    if torch.cuda.is_available():
+        return
+    node = os.environ.get(NODE_NAME_ENV) or os.environ.get("HOSTNAME") or "this node"
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    visible = os.environ.get("NVIDIA_VISIBLE_DEVICES", "unset")
+    raise DeviceError(
+        f"this step was given a GPU ({EXPECT_GPU_ENV}=1) but torch {torch.__version__} ({build}) finds no "
+        f"CUDA device on node {node} (NVIDIA_VISIBLE_DEVICES={visible}). Check: the image is the CUDA build "
+        "(TORCH_VARIANT=cuda, tag -cuda), the node has the NVIDIA driver and device plugin (nvidia-smi on "
+        "the node; kubectl describe node: nvidia.com/gpu allocatable), and the pod got the GPU resource"
+    )
 
 
 def as_mapping(value: Any) -> dict[str, Any]:
@@ -518,6 +620,75 @@ def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: 
     summary["sweep"] = sweep
     summary["selected"] = json.dumps(selected, sort_keys=True)
     return summary
+
+
+# The report's plots in the Markdown artifact, in this order, with their captions.
+REPORT_PLOTS = {
+    "id_vs_ood.png": "ID vs OOD accuracy",
+    "ood_accuracy.png": "Accuracy per set",
+    "distortion.png": "Feature distortion",
+}
+MAX_CONFUSION_CLASSES = 100  # more would not be readable in the KFP UI (and bloats its metadata store)
+
+
+def report_markdown(out_dir: str, summary: Mapping[str, Any]) -> str:
+    """The report as one Markdown document for the KFP UI: the champion, ``reports/table.md`` and the plots
+    embedded as base64 PNG data URIs (the UI shows the artifact's file alone; no links to other files)."""
+    import base64
+
+    reports = Path(out_dir) / "reports"
+    champion = summary["champion"]
+    line = f"**Champion: `{champion}`** (ID val {100 * summary['champion_id_val_accuracy']:.2f}%)"
+    if summary.get("champion_version"):
+        line += f", registered version {summary['champion_version']} (alias `champion`)"
+    parts = ["# DAFT report", "", line + ".", ""]
+    if summary.get("champion_note"):
+        parts += [f"> {summary['champion_note']}", ""]
+    parts += ["## Accuracy (%) and feature distortion", "", (reports / "table.md").read_text().strip(), ""]
+    sweep = summary.get("sweep") or []
+    if len(sweep) > len(summary.get("methods") or {}):
+        n = len(sweep)
+        parts += [f"Sweep: {n} configurations (`metrics/sweep.json`); the table has each method's best.", ""]
+    for png, title in REPORT_PLOTS.items():
+        path = reports / png
+        if path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            parts += [f"## {title}", "", f"![{title}](data:image/png;base64,{data})", ""]
+    return "\n".join(parts)
+
+
+def champion_confusion(out_dir: str, champion: str) -> tuple[list[str], list[list[int]]] | None:
+    """The champion's confusion matrix on ID test (classes, rows: true, columns: predicted), from its
+    evaluation details (``metrics/methods/<champion>.details.json``); None when they have none."""
+    details = Path(out_dir) / "metrics" / "methods" / f"{champion}.details.json"
+    if not details.is_file():
+        return None
+    cm = ((json.loads(details.read_text()).get("sets") or {}).get("id_test") or {}).get("confusion_matrix")
+    if not isinstance(cm, Mapping) or not cm.get("classes"):
+        return None
+    return [str(c) for c in cm["classes"]], [[int(v) for v in row] for row in cm["matrix"]]
+
+
+def publish_report_ui(out_dir: str, summary: Mapping[str, Any], report_md: Any, confusion: Any) -> None:
+    """The report's KFP UI artifacts: `report_md` (:func:`report_markdown`) and, on `confusion` (a
+    ClassificationMetrics), the champion's confusion matrix on ID test (:func:`champion_confusion`)."""
+    md = Path(report_md.path)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(report_markdown(out_dir, summary), encoding="utf-8")
+    champion = summary["champion"]
+    found = champion_confusion(out_dir, champion)
+    why = None
+    if found is None:
+        why = f"no confusion matrix in {champion}'s evaluation details"
+    elif len(found[0]) > MAX_CONFUSION_CLASSES:
+        why = f"{len(found[0])} classes (more than {MAX_CONFUSION_CLASSES}): see {champion}.details.json"
+    confusion.metadata.update({"method": champion, "set": "id_test"})
+    if why is not None:
+        log.warning("confusion matrix not logged: %s", why)
+        confusion.metadata["note"] = why
+        return
+    assert found is not None
+    confusion.log_confusion_matrix(*found)
 
 
 MISSING_VERSION_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")

@@ -20,16 +20,25 @@ or ``s3://bucket/prefix``; empty keeps params.yaml's ``data.root``). The sweep p
 parameter per configured method (``<method>_lrs`` or ``<method>_grid``); its default grid comes from the
 method catalogue (``daft_core.methods``).
 
+Caching across runs: ``resolve_params`` hands each step only the params sections it reads
+(``pipelines.components.STEP_PARAMS``, as dvc.yaml lists them, plus ``pipeline``), and the KFP run id reaches
+the steps as the environment variable ``DAFT_PIPELINE_RUN_ID`` (from the pod's ``pipeline/runid`` label,
+kfp-kubernetes ``use_field_path_as_env``), not as an input; so a step whose sections and upstream artifacts
+did not change is a cache hit in the next run.
+
 Platform settings come from :class:`PipelineOptions`: per-step CPU / memory requests and limits, a GPU for
-the steps in ``gpu_steps`` (fine-tuning and feature extraction), retries with exponential back-off, caching
-(on by default), Kubernetes secrets as environment variables (kfp-kubernetes) and, for data already on the
-cluster, a PVC mounted on the prepare_data task (``data_pvc``). ``local=True`` leaves out what only a
-cluster can honour (resources, accelerators, secrets, node selectors, volumes); see docs/kubeflow.md.
+the steps in ``gpu_steps`` (fine-tuning and feature extraction; the image must be the CUDA build), retries
+with exponential back-off, caching (on by default), Kubernetes secrets as environment variables
+(kfp-kubernetes), node selectors and tolerations, image pull secrets, per-step timeouts and scratch volumes
+and, for data already on the cluster, a PVC mounted on the prepare_data task (``data_pvc``). ``local=True``
+leaves out what only a cluster can honour (resources, accelerators, secrets, node selectors, tolerations,
+volumes, timeouts, the run-id label); see docs/kubeflow.md.
 """
 
 # No ``from __future__ import annotations``: KFP reads the pipeline functions' annotations as objects.
 import inspect
 import itertools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,8 +46,8 @@ from typing import TYPE_CHECKING, Any
 from kfp import dsl, kubernetes
 
 from daft_core.methods import FINETUNED_METHODS, METHODS
-from pipelines import DEFAULT_IMAGE
-from pipelines.components import make_components
+from pipelines import DEFAULT_CUDA_IMAGE, DEFAULT_IMAGE
+from pipelines.components import EXPECT_GPU_ENV, NODE_NAME_ENV, PIPELINE_ID_ENV, make_components
 
 if TYPE_CHECKING:
     from components.params import Params
@@ -92,16 +101,48 @@ def default_sweep() -> dict[str, Any]:
 
 DEFAULT_SWEEP: dict[str, Any] = default_sweep()
 NO_SECRET_STEPS = ("resolve_params",)  # validates parameters only: no credentials in its pod
+STEPS = tuple(s for s in DEFAULT_RESOURCES if s != "default")  # every step (task kind) of both pipelines
+# The KFP API server labels every pod of a run with the run's id (KFP v2 backend, apiserver template:
+# pod metadata label `pipeline/runid`). Each task reads it into DAFT_PIPELINE_RUN_ID through the downward API
+# (kfp-kubernetes use_field_path_as_env), so the run id is no task input and a step's cache key is the same
+# from one run to the next.
+RUN_ID_LABEL = "pipeline/runid"
+RUN_ID_FIELD_PATH = f"metadata.labels['{RUN_ID_LABEL}']"
+NODE_NAME_FIELD_PATH = "spec.nodeName"  # the GPU steps name their node when they find no GPU
+DEFAULT_SWEEP_PARALLELISM = 4  # sweep points of one method at once
+SCRATCH_MOUNT = "/scratch"  # a scratch volume's default mount path
+SCRATCH_VOLUME = "daft-scratch"
+TARGETS = ("all", "gpu")  # node_selector / tolerations: every step, the GPU steps, or a step by name
+
+
+def image_has_cuda(image: str) -> bool | None:
+    """What an image's tag says about its torch build: False for a ``cpu`` token (``0.1.0-cpu``) or the
+    project's CPU default, True for a ``cuda``/``gpu`` token (``0.1.0-cuda``, ``cuda12``), None when the tag
+    says neither (a custom tag, a digest): trusted, since only its builder knows."""
+    if image == DEFAULT_IMAGE:
+        return False
+    name = image.rsplit("/", 1)[-1]
+    if "@" in name or ":" not in name:
+        return None
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name.split(":", 1)[1].lower()) if t]
+    if "cpu" in tokens:
+        return False
+    if any(t.startswith(("cuda", "gpu")) for t in tokens):
+        return True
+    return None
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     """Compile-time options (the image, platform settings, the sweep); see docs/kubeflow.md."""
 
-    image: str = DEFAULT_IMAGE
+    # None: the CUDA build when GPUs are on (DEFAULT_CUDA_IMAGE), else the CPU build (DEFAULT_IMAGE)
+    image: str | None = None
+    # Whether `image` has CUDA torch; None: read from its tag (image_has_cuda). False refuses GPUs.
+    image_has_cuda: bool | None = None
     sweep: bool = False
     sweep_grid: Mapping[str, Any] = field(default_factory=default_sweep)
-    sweep_parallelism: int = 0  # 0: all points at once
+    sweep_parallelism: int = DEFAULT_SWEEP_PARALLELISM  # at most this many points of a method at once (>= 1)
     tracking_uri: str = ""  # default of the `tracking_uri` pipeline parameter
     resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
     gpu: bool = True
@@ -119,10 +160,60 @@ class PipelineOptions:
     # {"name": PVC, "mount_path": /data}: the user's data, mounted on the prepare_data task only
     data_pvc: Mapping[str, str] | None = None
     local: bool = False  # kfp.local: leave out resources, accelerators, secrets, node selectors, volumes
+    resume_uri: str = ""  # s3://bucket/prefix: finetune's resumable checkpoint (DAFT_RESUME_URI), for retries
+
+    # Scheduling and pod settings (kfp-kubernetes). Targets: "all", "gpu" (the GPU steps) or a step name.
+    node_selector: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # target -> {label: value}
+    tolerations: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # target -> list
+    image_pull_secrets: Sequence[str] = ()  # every task
+    timeouts: Mapping[str, int] = field(default_factory=dict)  # step or "default" -> seconds (pod deadline)
+    # step -> {size, mount_path, storage_class}: a scratch volume (DAFT_WORKSPACE, TMPDIR point at it)
+    scratch: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.data_pvc is not None:
             check_data_pvc(self.data_pvc)
+        if self.image is None:
+            object.__setattr__(self, "image", DEFAULT_CUDA_IMAGE if self.wants_gpu else DEFAULT_IMAGE)
+        sp = self.sweep_parallelism
+        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+            raise ValueError(f"sweep_parallelism must be a whole number >= 1 (points at once), got {sp!r}")
+        for kind, targets in (("node_selector", self.node_selector), ("tolerations", self.tolerations)):
+            unknown = sorted(set(targets) - {*TARGETS, *STEPS})
+            if unknown:
+                raise ValueError(f"{kind}: unknown target(s) {unknown}; use all, gpu or a step {list(STEPS)}")
+        for kind, steps in (("timeouts", self.timeouts), ("scratch", self.scratch)):
+            unknown = sorted(set(steps) - {"default", *STEPS})
+            if unknown:
+                raise ValueError(f"{kind}: unknown step(s) {unknown}; steps: {list(STEPS)} (or default)")
+        if self.wants_gpu and not self.local:
+            self._check_cuda_image()
+
+    @property
+    def wants_gpu(self) -> bool:
+        """GPUs are asked for: `gpu` on, `gpu_count` > 0 and at least one GPU step."""
+        return bool(self.gpu and self.gpu_count > 0 and self.gpu_steps)
+
+    def uses_gpu(self, step: str) -> bool:
+        return self.wants_gpu and step in self.gpu_steps
+
+    def _check_cuda_image(self) -> None:
+        """ValueError (one line) when GPUs are asked for with an image whose torch is a CPU build."""
+        has = self.image_has_cuda if self.image_has_cuda is not None else image_has_cuda(str(self.image))
+        if has is not False:
+            return
+        if self.image_has_cuda is False:
+            why = "the platform file says gpu.image_has_cuda: false"
+        elif self.image == DEFAULT_IMAGE:
+            why = "it is the project's CPU build"
+        else:
+            why = "its tag says cpu"
+        raise ValueError(
+            f"GPUs are requested ({self.gpu_count} x {self.gpu_type} for {', '.join(self.gpu_steps)}) but "
+            f"the image {self.image} has CPU-only torch ({why}), so the steps would never use them. Fix: "
+            f"pass the CUDA build (docker build --build-arg TORCH_VARIANT=cuda, tagged like "
+            f"{DEFAULT_CUDA_IMAGE}) with --image, or compile with --no-gpu"
+        )
 
 
 DATA_PVC_STEP = "prepare_data"  # the one step that reads the user's data
@@ -156,7 +247,8 @@ def step_resources(opts: PipelineOptions, step: str) -> dict[str, str]:
 
 
 def configure_task(task: dsl.PipelineTask, step: str, opts: PipelineOptions) -> dsl.PipelineTask:
-    """Caching, retries and (on a cluster) resources, GPU and secrets for one task."""
+    """Caching, retries and (on a cluster) resources, GPU, the run id, scheduling, volumes and secrets for
+    one task."""
     task.set_caching_options(opts.caching)
     if opts.retries > 0:
         task.set_retry(
@@ -165,6 +257,8 @@ def configure_task(task: dsl.PipelineTask, step: str, opts: PipelineOptions) -> 
             backoff_factor=opts.backoff_factor,
             backoff_max_duration=opts.backoff_max_duration,
         )
+    if step == "finetune" and opts.resume_uri:
+        task.set_env_variable("DAFT_RESUME_URI", opts.resume_uri)
     if opts.local:
         return task
     res = step_resources(opts, step)
@@ -176,16 +270,60 @@ def configure_task(task: dsl.PipelineTask, step: str, opts: PipelineOptions) -> 
         task.set_memory_request(res["memory"])
     if res.get("memory_limit"):
         task.set_memory_limit(res["memory_limit"])
-    if opts.gpu and step in opts.gpu_steps and opts.gpu_count > 0:
+    # The run id, from the pod's label: an environment variable, not an input (inputs are the cache key).
+    kubernetes.use_field_path_as_env(task, env_name=PIPELINE_ID_ENV, field_path=RUN_ID_FIELD_PATH)
+    if opts.uses_gpu(step):
         task.set_accelerator_type(opts.gpu_type).set_accelerator_limit(opts.gpu_count)
-        for key, value in opts.gpu_node_selector.items():
-            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        task.set_env_variable(EXPECT_GPU_ENV, "1")  # step_setup fails at once if torch finds no GPU
+        kubernetes.use_field_path_as_env(task, env_name=NODE_NAME_ENV, field_path=NODE_NAME_FIELD_PATH)
+    targets = ["all", *(["gpu"] if opts.uses_gpu(step) else []), step]  # later ones win on a label
+    selector: dict[str, str] = {}
+    for t in targets:
+        selector.update(opts.gpu_node_selector if t == "gpu" else {})
+        selector.update(opts.node_selector.get(t, {}))
+    for key, value in selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for t in targets:
+        for tol in opts.tolerations.get(t, ()):
+            kubernetes.add_toleration(task, **{k: v for k, v in tol.items() if v is not None})
+    if opts.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(opts.image_pull_secrets))
+    timeout = opts.timeouts.get(step, opts.timeouts.get("default"))
+    if timeout:
+        kubernetes.set_timeout(task, int(timeout))
+    scratch = opts.scratch.get(step, opts.scratch.get("default"))
+    if scratch:
+        _mount_scratch(task, scratch)
     if step not in NO_SECRET_STEPS:
         for name, keys in opts.secrets.items():
             kubernetes.use_secret_as_env(task, name, dict(keys), optional=opts.secrets_optional)
     if step == DATA_PVC_STEP and opts.data_pvc:
         kubernetes.mount_pvc(task, pvc_name=opts.data_pvc["name"], mount_path=opts.data_pvc["mount_path"])
     return task
+
+
+def _mount_scratch(task: dsl.PipelineTask, spec: Mapping[str, Any]) -> None:
+    """A scratch volume for the step's temporary files (prepare_data's download, TMPDIR).
+
+    kfp 2.17.3 cannot set a container's ephemeral-storage request or limit (PipelineTask has no setter and
+    the IR's ResourceSpec no field), so the space comes as a volume: with a `storage_class`, a generic
+    ephemeral volume (a PVC of `size` created with the pod and deleted with it; kubernetes
+    add_ephemeral_volume), else an emptyDir on the node's disk capped at `size` (empty_dir_mount).
+    """
+    path = spec.get("mount_path") or SCRATCH_MOUNT
+    if spec.get("storage_class"):
+        kubernetes.add_ephemeral_volume(
+            task,
+            volume_name=SCRATCH_VOLUME,
+            mount_path=path,
+            access_modes=["ReadWriteOnce"],
+            size=str(spec["size"]),
+            storage_class_name=spec["storage_class"],
+        )
+    else:
+        kubernetes.empty_dir_mount(task, volume_name=SCRATCH_VOLUME, mount_path=path, size_limit=spec["size"])
+    task.set_env_variable("DAFT_WORKSPACE", path)  # components.prepare_data downloads remote data there
+    task.set_env_variable("TMPDIR", path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +355,19 @@ def sweep_points(params: "Params", method: str, grid: Mapping[str, Any]) -> list
             spec = [recipe.head_lr]
         else:
             spec = {"head_lr": [recipe.head_lr], "backbone_lr": [recipe.backbone_lr]}
+    return grid_points(method, spec)
+
+
+def grid_points(method: str, spec: Any) -> list[Any]:
+    """`method`'s sweep points from a grid as written (ValueError naming the method when malformed)."""
+    try:
+        return _grid_points(method, spec)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"sweep for {method!r}: malformed grid {spec!r} ({type(e).__name__}: {e})") from None
+
+
+def _grid_points(method: str, spec: Any) -> list[Any]:
+    kind = sweep_kind(method)
     if kind == "lr":
         if not isinstance(spec, list | tuple) or not spec:
             raise ValueError(f"sweep for {method!r} must be a non-empty list of learning rates, got {spec!r}")
@@ -357,26 +508,32 @@ class _Dag:
             seed=seed,
             data_root=data_root,
         )
-        s = {
-            "resolved": resolved,
-            "run": {"tracking_uri": tracking_uri, "pipeline_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER},
-        }
-        common = {"params_json": resolved.outputs["Output"], **s["run"]}
-        s["common"] = common
-        dataset = self.task("prepare_data", c.prepare_data, **common).outputs["dataset"]
-        pretrained = self.task("pretrained", c.pretrained, **common, dataset=dataset).outputs["model"]
-        inputs = {**common, "dataset": dataset, "pretrained": pretrained}
+        # The run id is no input (it reaches the pods as DAFT_PIPELINE_RUN_ID, see configure_task), and each
+        # step gets only its own params sections (resolve_params' output named after it): a step's inputs,
+        # hence its cache key, change only when what it reads changes.
+        s: dict[str, Any] = {"resolved": resolved, "run": {"tracking_uri": tracking_uri}}
+
+        def inputs(step: str, **kw: Any) -> dict[str, Any]:
+            return {"params_json": resolved.outputs[step], **s["run"], **kw}
+
+        s["inputs"] = inputs
+        dataset = self.task("prepare_data", c.prepare_data, **inputs("prepare_data")).outputs["dataset"]
+        pretrained_task = self.task("pretrained", c.pretrained, **inputs("pretrained", dataset=dataset))
+        pretrained = pretrained_task.outputs["model"]
+        models = {"dataset": dataset, "pretrained": pretrained}
         s["dataset"], s["pretrained"] = dataset, pretrained
+        converted = self.task("convert_bn", c.convert_bn, **inputs("convert_bn", **models))
+        probe = self.task("linear_probe", c.linear_probe, **inputs("linear_probe", **models))
         s["starts"] = {
             "pretrained": pretrained,
-            "bn_converted": self.task("convert_bn", c.convert_bn, **inputs).outputs["model"],
-            "linear_probe": self.task("linear_probe", c.linear_probe, **inputs).outputs["model"],
+            "bn_converted": converted.outputs["model"],
+            "linear_probe": probe.outputs["model"],
         }
         s["lp"] = self.task(
             "evaluate",
             c.evaluate,
             name="evaluate-lp",
-            **common,
+            **inputs("evaluate"),
             method="lp",
             dataset=dataset,
             model=s["starts"]["linear_probe"],
@@ -386,20 +543,23 @@ class _Dag:
 
     def branch(self, s: dict[str, Any], method: str, lrs: Mapping[str, Any], in_loop: bool = False):
         """finetune[method] -> evaluate[method], starting from the model params.yaml names."""
-        # Inside a ParallelFor the params travel as resolve_params' JSON artifact: kfp.local (2.17.3)
-        # replaces every task-output *parameter* entering a loop with the loop item. Same content.
-        src = (
-            {"params_file": s["resolved"].outputs["params"]}
-            if in_loop
-            else {"params_json": s["common"]["params_json"]}
-        )
+
+        # Inside a ParallelFor the params travel as resolve_params' JSON artifact (every step's sections;
+        # each step reads its own): kfp.local (2.17.3) replaces every task-output *parameter* entering a loop
+        # with the loop item. Same content; on a cluster the artifact is the same one as long as
+        # resolve_params is a cache hit, so a loop's steps re-run whenever any pipeline parameter changes.
+        def src(step: str) -> dict[str, Any]:
+            if in_loop:
+                return {"params_file": s["resolved"].outputs["params"]}
+            return {"params_json": s["resolved"].outputs[step]}
+
         start = s["starts"][self.params.method(method).start]
         ft = self.task(
             "finetune",
             self.c.finetune,
             name=f"finetune-{method}",
             **s["run"],
-            **src,
+            **src("finetune"),
             method=method,
             dataset=s["dataset"],
             start=start,
@@ -410,7 +570,7 @@ class _Dag:
             self.c.evaluate,
             name=f"evaluate-{method}",
             **s["run"],
-            **src,
+            **src("evaluate"),
             method=method,
             dataset=s["dataset"],
             model=ft.outputs["model"],
@@ -419,7 +579,8 @@ class _Dag:
         )
 
     def final(self, s: dict[str, Any], step: str, evaluations: Mapping[str, Any]):
-        task = self.task(step, getattr(self.c, step), **s["common"], lp=s["lp"], **evaluations)
+        # report and select_best read the same sections (STEP_PARAMS["report"]: only `pipeline`)
+        task = self.task(step, getattr(self.c, step), **s["inputs"]("report", lp=s["lp"], **evaluations))
         return task.outputs["report"]
 
 

@@ -22,21 +22,40 @@ from components.tracking.retries import bounded_http, retry, tracking_timeout_s
 log = logging.getLogger(__name__)
 
 
+# The MLflow UI (3.x) opens an experiment in the view its kind names; "custom_model_development" is the
+# model-training view (runs, metrics, models), not the GenAI one (traces, evaluations).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def ensure_experiment(client: Any, uri: str, name: str, artifact_location: str | None = None) -> str:
-    """The experiment's id, restoring or creating it; tolerates a concurrent step creating it first."""
+    """The experiment's id, restoring or creating it; tolerates a concurrent step creating it first.
+
+    A new experiment is tagged :data:`EXPERIMENT_KIND_TAG` = :data:`EXPERIMENT_KIND`; an existing one
+    without the tag gets it (a kind someone chose is kept).
+    """
     from mlflow.exceptions import MlflowException
 
     exp = retry(uri, "get experiment", lambda: client.get_experiment_by_name(name))
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            retry(uri, "restore experiment", lambda: client.restore_experiment(exp.experiment_id))
-        return exp.experiment_id
-    try:
-        return retry(uri, "create experiment", lambda: client.create_experiment(name, artifact_location))
-    except MlflowException as err:  # created by a concurrent step
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return retry(uri, "get experiment", lambda: client.get_experiment_by_name(name)).experiment_id
+    if exp is None:
+        kind = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        try:
+            return retry(
+                uri, "create experiment", lambda: client.create_experiment(name, artifact_location, tags=kind)
+            )
+        except MlflowException as err:  # created by a concurrent step
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = retry(uri, "get experiment", lambda: client.get_experiment_by_name(name))
+    if exp.lifecycle_stage == "deleted":
+        retry(uri, "restore experiment", lambda: client.restore_experiment(exp.experiment_id))
+    if not (exp.tags or {}).get(EXPERIMENT_KIND_TAG):
+        retry(
+            uri,
+            "tag experiment",
+            lambda: client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND),
+        )
+    return exp.experiment_id
 
 
 def _parents(client: Any, uri: str, exp_id: str, pipeline_id: str) -> list[Any]:
@@ -78,14 +97,25 @@ def global_uri(uri: str) -> Iterator[None]:
     unless MLFLOW_REGISTRY_URI is set.
     """
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     prev = getattr(tracking_utils, "_tracking_uri", None)
     prev_env = os.environ.get("MLFLOW_TRACKING_URI")
+    # set explicitly: a registry URI set earlier in this process (another step, a notebook) must not
+    # send this step's model versions to another server
+    prev_registry = getattr(registry_utils, "_registry_uri", None)
+    prev_registry_env = os.environ.get("MLFLOW_REGISTRY_URI")
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(prev_registry_env or uri)  # also exports MLFLOW_REGISTRY_URI: put back below
     try:
         yield
     finally:
+        registry_utils._registry_uri = prev_registry
+        if prev_registry_env is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+        else:
+            os.environ["MLFLOW_REGISTRY_URI"] = prev_registry_env
         mlflow.set_tracking_uri(prev)
         if prev_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

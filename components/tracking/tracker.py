@@ -6,9 +6,11 @@ Model logging format
     MLflow 3 (``torch.export``, "pt2") traces the forward for one fixed input example and loads back as an
     ``fx.GraphModule``: it would lose ``features()``/``head``/``spec`` and the data-dependent branches of
     ``DaftModel.preprocess`` (uint8 or float, 1 or 3 channels, any size). The pickle refers to classes by
-    import path, so loading needs the same ``daft_core`` installed (it is: one image / one venv for every
-    step); the weights are a CPU, eval-mode copy of the model, so ``mlflow.pytorch.load_model`` returns a
-    module that reproduces the logged model's outputs exactly. Loading a pickled model executes code from
+    import path, so ``daft_core`` is logged with the model (``code_paths``; MLflow puts it on ``sys.path``
+    before unpickling) and the requirements pin torch, torchvision, timm, numpy and cloudpickle: a process
+    with only those installed (``mlflow models serve``) loads it. The weights are a CPU, eval-mode copy of
+    the model, so ``mlflow.pytorch.load_model`` returns a module that reproduces the logged model's outputs
+    exactly. Loading a pickled model executes code from
     the artifact store: only load models from a tracking server you trust. The portable, pickle-free copy of
     every model is the ``save_model`` checkpoint each step also writes (and DVC/Kubeflow track).
 """
@@ -198,6 +200,8 @@ class StepTracker:
         alias: str,
         input_example: Any,
         source_version: str | int | None = None,
+        description: str | None = None,
+        registered_model_description: str | None = None,
     ) -> str | None:
         """Log `model` (pickle flavour, CPU eval copy; see the module docstring for why), register a new
         version, tag it, set `alias`.
@@ -205,7 +209,14 @@ class StepTracker:
         Returns the new version (None when tracking is disabled). Version tags: ``stage``, ``method``,
         ``source_version`` (the version this model was derived from, or "none"), ``run_id``,
         ``pipeline_run_id``. `input_example`: one or two inputs as the model takes them (e.g. uint8
-        (N, C, H, W) images; cut to 2 rows), stored with the model and used to infer its signature.
+        (N, C, H, W) images; cut to 2 rows), stored with the model; the signature takes its dtype and
+        channels with free batch, height and width (:func:`model_signature`). `description`: the new
+        version's description; `registered_model_description`: the registered model's, set only while it
+        has none (one edited in the UI is kept).
+
+        The model is servable from its artifacts alone: ``daft_core`` travels with it (``code_paths``; MLflow
+        puts it on ``sys.path`` when loading) and its requirements pin torch, torchvision, timm, numpy and
+        cloudpickle as installed here (:func:`model_requirements`).
         """
         if not self.enabled:
             return None
@@ -214,15 +225,18 @@ class StepTracker:
 
         module = copy.deepcopy(model).cpu().eval()
         example = to_numpy(input_example)
+        signature = model_signature(module, example)
         info = self._call(
             f"log model {stage}",
             lambda: mlflow.pytorch.log_model(
                 module,
                 name=safe_name(stage),
                 input_example=example,
+                signature=signature,
                 serialization_format="pickle",
+                code_paths=[str(_core_package_dir())],
                 # explicit: skips MLflow's requirement inference, which re-loads the model in a subprocess
-                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                pip_requirements=model_requirements(),
             ),
         )
         tags = {
@@ -237,6 +251,22 @@ class StepTracker:
             lambda: mlflow.register_model(info.model_uri, registered_model, tags=tags),
         )
         version = str(mv.version)
+        if description:
+            self._call(
+                f"describe {registered_model} version {version}",
+                lambda: self.client.update_model_version(registered_model, version, description=description),
+            )
+        if registered_model_description:
+            current = self._call(
+                f"get {registered_model}", lambda: self.client.get_registered_model(registered_model)
+            )
+            if not (current.description or "").strip():
+                self._call(
+                    f"describe {registered_model}",
+                    lambda: self.client.update_registered_model(
+                        registered_model, description=registered_model_description
+                    ),
+                )
         self.set_alias(registered_model, alias, version)
         self.set_tags({f"daft.model_version.{safe_name(stage)}": version})
         log.info("logged model %s version %s (stage %s, alias %s)", registered_model, version, stage, alias)
@@ -251,6 +281,58 @@ class StepTracker:
         if not self.enabled:
             return None
         return registry.version_for_alias(registered_model, alias, uri=self.uri)
+
+
+# What a logged model needs besides MLflow's defaults for the flavour (torch, cloudpickle): the packages
+# daft_core's modules import (its code travels with the model, see StepTracker.log_model).
+MODEL_PACKAGES = ("torchvision", "timm", "numpy")
+
+
+def _core_package_dir() -> Path:
+    """The ``daft_core`` package directory (logged as the model's code)."""
+    import daft_core
+
+    return Path(daft_core.__file__).resolve().parent
+
+
+def model_requirements() -> list[str]:
+    """pip requirements of a logged model: MLflow's pinned defaults for PyTorch plus
+    :data:`MODEL_PACKAGES`, each pinned to the installed version (a local label such as ``+cpu`` dropped,
+    as MLflow does, so pip can install it); a package not installed here is left out."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlflow.pytorch
+
+    reqs = list(mlflow.pytorch.get_default_pip_requirements())
+    names = {r.split("==")[0].lower() for r in reqs}
+    for pkg in MODEL_PACKAGES:
+        if pkg in names:
+            continue
+        try:
+            reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def model_signature(module: Any, example: Any) -> Any:
+    """The model's signature: images (-1, C, -1, -1) of the example's dtype (any batch size and image size;
+    ``DaftModel.preprocess`` resizes), logits (-1, K). None (MLflow infers it) for an example that is not a
+    4-d array."""
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    if not isinstance(example, np.ndarray) or example.ndim != 4:
+        return None
+    with torch.no_grad():
+        out = module(torch.from_numpy(np.ascontiguousarray(example)))
+    logits = out.detach().cpu().numpy()
+    return ModelSignature(
+        inputs=Schema([TensorSpec(example.dtype, (-1, int(example.shape[1]), -1, -1))]),
+        outputs=Schema([TensorSpec(logits.dtype, (-1, *logits.shape[1:]))]),
+    )
 
 
 def _dataset_source(data_dir: str | os.PathLike[str]) -> Any:

@@ -195,10 +195,14 @@ def test_registered_versions_tags_and_aliases(logged):
     assert tracking.version_for_alias(f"{name}-missing", "champion", uri=uri) is None
 
 
-def test_registered_model_loads_back_exactly(logged):
+def test_registered_model_loads_back_exactly(logged, monkeypatch):
     import mlflow
     import mlflow.pytorch
+    from mlflow.tracking._model_registry import utils as registry_utils
 
+    # mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI: undo both after this test
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", logged["uri"])
     mlflow.set_tracking_uri(logged["uri"])
     mlflow.set_registry_uri(logged["uri"])
     name = logged["model_name"]

@@ -90,6 +90,39 @@ def test_metrics_from_fixed_logits(batch_size: int) -> None:
     assert "feature_distortion" not in r
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 256])
+def test_confusion_matrix_rows_true_columns_predicted(batch_size: int) -> None:
+    model = FixedLogits(PROBS.log())  # predictions 0, 0, 1, 0 for labels 0, 1, 1, 0
+    ds = _Set(_index_images(4), LABELS.clone(), ["cat", "dog", "bird"])
+    r = evaluate(model, {"id_test": ds, "ood": ds}, batch_size=batch_size)["sets"]
+    assert r["id_test"]["confusion_matrix"] == {
+        "classes": ["cat", "dog", "bird"],
+        "matrix": [[2, 0, 0], [1, 1, 0], [0, 0, 0]],
+    }
+    assert r["ood"]["confusion_matrix"] == r["id_test"]["confusion_matrix"]
+    # consistent with the other per-set numbers, on a real model too
+    torch.manual_seed(0)
+    tiny = build_model("tiny_cnn", num_classes=3, input_size=16, width=4)
+    g = torch.Generator().manual_seed(2)
+    data = _Set(
+        torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8, generator=g),
+        torch.randint(0, 3, (37,), generator=g),
+        ["a", "b", "c"],
+    )
+    out = evaluate(tiny, {"id_test": data}, batch_size=batch_size)["sets"]["id_test"]
+    assert out["confusion_matrix"]["classes"] == ["a", "b", "c"]
+    cm = torch.tensor(out["confusion_matrix"]["matrix"])
+    assert cm.dtype == torch.int64 and cm.shape == (3, 3) and int(cm.sum()) == 37
+    assert cm.sum(1).tolist() == torch.bincount(data.labels, minlength=3).tolist()
+    assert float(cm.diag().sum()) / 37 == pytest.approx(out["accuracy"])
+    with torch.no_grad():
+        pred = tiny.eval()(data.images).argmax(1)
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    for t, p in zip(data.labels.tolist(), pred.tolist(), strict=True):
+        expected[t, p] += 1
+    assert torch.equal(cm, expected)
+
+
 def test_validation_errors() -> None:
     model = FixedLogits(PROBS.log())
     empty = _Set(

@@ -81,13 +81,15 @@ def test_tasks_and_dependencies_mirror_dvc_yaml(compiled) -> None:
         assert not deps & {keys[f"finetune-{o}"] for o in METHODS}
     report_deps = set(tasks["report"][1]["dependentTasks"])
     assert {keys[f"evaluate-{m}"] for m in (*METHODS, "lp")} <= report_deps
-    # Every step reads the resolved params tree and the KFP run id.
+    # Every step reads its own slice of the resolved params tree; the KFP run id is no input (cache key).
     for name, (_, t) in tasks.items():
         if name == "resolve-params":
             continue
         p = t["inputs"]["parameters"]
         assert p["params_json"]["taskOutputParameter"]["producerTask"] == keys["resolve-params"]
-        assert p["pipeline_run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        step = name.split("-")[0] if name.startswith(("finetune-", "evaluate-")) else name.replace("-", "_")
+        assert p["params_json"]["taskOutputParameter"]["outputParameterKey"] == step
+        assert "pipeline_run_id" not in p
         assert p["tracking_uri"]["componentInputParameter"] == "tracking_uri"
 
 
@@ -129,7 +131,7 @@ def test_executors_use_project_image_and_call_the_step(compiled) -> None:
         src = "\n".join(executors[f"exec-{step.replace('_', '-')}"]["container"]["command"])
         assert f"from components import {step} as step" in src
         assert "step.run(" in src
-        assert "step_setup(params_json, tracking_uri, pipeline_run_id" in src
+        assert f'step_setup("{step}", params_json, tracking_uri' in src
     report_src = "\n".join(executors["exec-report"]["container"]["command"])
     assert "assemble_report" in report_src
 
@@ -520,3 +522,72 @@ def test_data_pvc_is_mounted_on_prepare_data_only(tmp_path: Path, capsys) -> Non
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and says in lines[0] and "data" in lines[0], (bad, err)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report in the KFP UI: a Markdown artifact (table + embedded plots), the champion's confusion matrix
+# --------------------------------------------------------------------------------------------------
+
+
+def test_report_component_has_markdown_and_classification_metrics_outputs(compiled, tmp_path: Path) -> None:
+    spec, _, _ = compiled
+    sweep, _, _ = _compile(tmp_path, "sweep.yaml", sweep=True)
+    for s, comp in ((spec, "comp-report"), (sweep, "comp-select-best")):
+        outs = s["components"][comp]["outputDefinitions"]["artifacts"]
+        kinds = {name: o["artifactType"]["schemaTitle"] for name, o in outs.items()}
+        assert kinds["report_md"] == "system.Markdown", kinds
+        assert kinds["confusion_matrix"] == "system.ClassificationMetrics", kinds
+        assert kinds["metrics"] == "system.Metrics" and kinds["report"] == "system.Artifact"
+
+
+def test_report_ui_artifacts_embed_plots_and_the_champions_confusion_matrix(tmp_path: Path) -> None:
+    """What the report/select_best bodies write for the UI, from a report assembled out of evaluations."""
+    import base64
+
+    from kfp.dsl import ClassificationMetrics, Markdown
+
+    from components.params import params_from_dict
+    from pipelines.components import REPORT_PLOTS, assemble_report, publish_report_ui
+    from tests.tiny_params import tiny_params
+
+    params = params_from_dict(tiny_params())  # tracking off
+    groups = {}
+    for method, id_val in (("lp", 0.7), ("daft", 0.9)):
+        d = tmp_path / "ev" / method
+        d.mkdir(parents=True)
+        row = {
+            "method": method,
+            "id_val_accuracy": id_val,
+            "id_test_accuracy": id_val - 0.01,
+            "ood": {"printed": id_val - 0.2},
+            "ood_mean_accuracy": id_val - 0.2,
+        }
+        (d / f"{method}.json").write_text(json.dumps(row))
+        cm = {"classes": ["zero", "one"], "matrix": [[5, 1], [2, 4 if method == "daft" else 3]]}
+        details = {"sets": {"id_test": {"confusion_matrix": cm}, "id_val": {}}}
+        (d / f"{method}.details.json").write_text(json.dumps(details))
+        groups[method] = [str(d)]
+    out = tmp_path / "report"
+    summary = assemble_report(params, groups, str(out))
+    assert summary["champion"] == "daft"
+
+    md = Markdown(uri=str(tmp_path / "ui" / "report_md"))
+    confusion = ClassificationMetrics(uri=str(tmp_path / "ui" / "confusion_matrix"))
+    publish_report_ui(str(out), summary, md, confusion)
+    text = Path(md.path).read_text()
+    assert (out / "reports" / "table.md").read_text().strip() in text
+    assert "`daft`" in text
+    images = re.findall(r"!\[([^\]]+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", text)
+    assert [title for title, _ in images] == list(REPORT_PLOTS.values())
+    for (_title, data), png in zip(images, REPORT_PLOTS, strict=True):
+        assert base64.b64decode(data) == (out / "reports" / png).read_bytes()
+    cm = confusion.metadata["confusionMatrix"]
+    assert [c["displayName"] for c in cm["annotationSpecs"]] == ["zero", "one"]
+    assert [r["row"] for r in cm["rows"]] == [[5, 1], [2, 4]]  # the champion's (daft), ID test
+    assert confusion.metadata["method"] == "daft" and confusion.metadata["set"] == "id_test"
+
+    # No confusion matrix in the champion's details (older evaluations): the Markdown still, and a note.
+    (out / "metrics" / "methods" / "daft.details.json").write_text(json.dumps({"sets": {"id_test": {}}}))
+    empty = ClassificationMetrics(uri=str(tmp_path / "ui2" / "confusion_matrix"))
+    publish_report_ui(str(out), summary, Markdown(uri=str(tmp_path / "ui2" / "report_md")), empty)
+    assert "confusionMatrix" not in empty.metadata and "daft" in empty.metadata["note"]

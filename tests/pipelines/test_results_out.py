@@ -43,6 +43,16 @@ class Art:
         self.metadata[name] = value
 
 
+def _ui(root: Path) -> dict[str, Any]:
+    """The report's KFP UI outputs (real artifacts: the body logs a confusion matrix on one)."""
+    from kfp.dsl import ClassificationMetrics, Markdown
+
+    return {
+        "report_md": Markdown(uri=str(root / "report_md")),
+        "confusion_matrix": ClassificationMetrics(uri=str(root / "confusion_matrix")),
+    }
+
+
 def _tree(tag: str, tracking: bool = True) -> dict[str, Any]:
     return tiny_params(
         pipeline={"tracking": tracking, "experiment": f"results-{tag}", "registered_model": f"results-{tag}"}
@@ -229,7 +239,7 @@ def test_wrappers_put_the_run_in_the_artifact_metadata(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # restored after the test (step_setup exports the URI)
     monkeypatch.setenv("DAFT_PIPELINE_RUN_ID", uuid.uuid4().hex)
     params_json = params_to_json(params_from_dict(_tree(uuid.uuid4().hex[:8])))
-    setup = (params_json, mlflow_server.uri, "")
+    setup = (params_json, mlflow_server.uri)  # the run id comes from DAFT_PIPELINE_RUN_ID, no input
 
     model, metrics = Art(str(project / "model")), Art(str(project / "metrics"))
     kfp_components.pretrained(*setup, dataset=Art(str(data_dir)), model=model, metrics=metrics)
@@ -242,7 +252,9 @@ def test_wrappers_put_the_run_in_the_artifact_metadata(
     report = Art(str(project / "report"))
     lp = _metrics(project / "eval-lp", "lp", 0.9)
     with caplog.at_level(logging.WARNING):
-        kfp_components.report(*setup, lp=lp, report=report, metrics=Art(str(project / "m2")))
+        kfp_components.report(
+            *setup, lp=lp, report=report, metrics=Art(str(project / "m2")), **_ui(project / "ui")
+        )
     assert report.metadata["mlflow_run_url"].startswith(f"{mlflow_server.uri}/#/experiments/")
     assert "alias not moved" in report.metadata["champion_note"]
     assert "registered_version" not in report.metadata
@@ -257,7 +269,9 @@ def test_wrappers_put_the_run_in_the_artifact_metadata(
     lp = _metrics(project / "eval-lp2", "lp", 0.5)
     report = Art(str(project / "sweep"))
     with caplog.at_level(logging.WARNING):
-        kfp_components.select_best(*setup, lp=lp, report=report, metrics=Art(str(project / "m3")), ft=points)
+        kfp_components.select_best(
+            *setup, lp=lp, report=report, metrics=Art(str(project / "m3")), ft=points, **_ui(project / "ui3")
+        )
     assert report.metadata["champion"] == "ft"
     assert "no registered version" in report.metadata["champion_note"]
     assert report.metadata["mlflow_run_id"]
