@@ -272,24 +272,13 @@ def report(
     KFP UI: `report_md` (the table and plots), `confusion_matrix` (the champion's, on ID test) and `metrics`
     (each method's accuracy on every set).
     """
-    from pipelines.components import (
-        assemble_report,
-        log_metrics,
-        publish_report_ui,
-        record_champion,
-        step_setup,
-    )
+    from pipelines.components import finish_report, step_setup
 
     params = step_setup("report", params_json, tracking_uri)
     given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per catalogue method:
     given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})  # KFP needs
     groups = {m: [a.path] for m, a in given.items() if a is not None}  # them named (tests check the list)
-    summary = assemble_report(params, groups, report.path)
-    report.metadata["champion"] = summary["champion"]
-    record_champion(report, summary)
-    publish_report_ui(report.path, summary, report_md, confusion_matrix)
-    log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
-    log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
+    finish_report(params, groups, report, metrics, report_md, confusion_matrix)
 
 
 def select_best(
@@ -312,25 +301,14 @@ def select_best(
     ``metrics/sweep.json`` in the report directory lists every configuration tried. `report_md`,
     `confusion_matrix` and `metrics` as in :func:`report`.
     """
-    from pipelines.components import (
-        assemble_report,
-        log_metrics,
-        publish_report_ui,
-        record_champion,
-        step_setup,
-    )
+    from pipelines.components import finish_report, log_metrics, step_setup
 
     params = step_setup("report", params_json, tracking_uri)
     given = {"ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per fine-tuned catalogue method
     given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})
     groups = {"lp": [lp.path], **{m: [a.path for a in arts] for m, arts in given.items() if arts}}
-    summary = assemble_report(params, groups, report.path)
-    report.metadata["champion"] = summary["champion"]
+    summary = finish_report(params, groups, report, metrics, report_md, confusion_matrix)
     report.metadata["selected"] = summary["selected"]
-    record_champion(report, summary)
-    publish_report_ui(report.path, summary, report_md, confusion_matrix)
-    log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
-    log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
     log_metrics(metrics, {"configurations": len(summary["sweep"])})
 
 
@@ -555,6 +533,25 @@ def log_metrics(metrics: Any, values: Mapping[str, Any], prefix: str = "") -> No
     """Numeric values (nested mappings flattened with dots) onto a KFP Metrics artifact."""
     for k, v in _flat_numbers(values, prefix).items():
         metrics.log_metric(k, v)
+
+
+def finish_report(
+    params: "Params",
+    groups: Mapping[str, list[str]],
+    report: Any,
+    metrics: Any,
+    report_md: Any,
+    confusion_matrix: Any,
+) -> dict[str, Any]:
+    """What report and select_best share: select and report (`assemble_report`), then the champion in the
+    artifact's metadata, the KFP UI artifacts and every method's numbers on `metrics`."""
+    summary = assemble_report(params, groups, report.path)
+    report.metadata["champion"] = summary["champion"]
+    record_champion(report, summary)
+    publish_report_ui(report.path, summary, report_md, confusion_matrix)
+    log_metrics(metrics, {"champion_id_val_accuracy": summary["champion_id_val_accuracy"]})
+    log_metrics(metrics, {f"{m}.{k}": v for m, row in summary["methods"].items() for k, v in row.items()})
+    return summary
 
 
 def assemble_report(params: "Params", groups: Mapping[str, list[str]], out_dir: str) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def test_executors_use_project_image_and_call_the_step(compiled) -> None:
         assert "step.run(" in src
         assert f'step_setup("{step}", params_json, tracking_uri' in src
     report_src = "\n".join(executors["exec-report"]["container"]["command"])
-    assert "assemble_report" in report_src
+    assert "finish_report(" in report_src  # selection + components.report.run (assemble_report)
 
 
 def test_resources_and_gpus(compiled) -> None:
