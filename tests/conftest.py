@@ -2,9 +2,9 @@
 
 import pytest
 
-from tests.servers import mlflow_server, s3_server
+from tests.servers import mlflow_server, s3, s3_server
 
-__all__ = ["mlflow_server", "s3_server"]
+__all__ = ["mlflow_server", "s3", "s3_server"]
 
 
 @pytest.fixture(autouse=True)

@@ -22,23 +22,12 @@ from components.params import ParamsError, params_from_dict
 from components.storage import StorageError
 from daft_core.data import load_bundle, read_manifest
 from daft_core.data.imagefolder import ImageTooLargeError
-from tests.servers import AWS_TEST_ENV, S3Server
+from tests.servers import S3Server
 from tests.tiny_params import tiny_params
 
 CLASSES = ("cat", "dog", "fox")
 # split -> images per class; id_val is carved from id_train (val_fraction 0.25: 3 train + 1 val per class)
 LAYOUT = {"id_train": 4, "id_test": 2, "ood/far": 1}
-
-
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The shared moto server, reached the way a pod reaches its store: endpoint and keys from the env."""
-    for k, v in AWS_TEST_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", prepare_data.WORKSPACE_ENV):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    return s3_server
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,12 @@ import torch
 from components import storage
 from components.storage import StorageError
 from daft_core.models import CheckpointError, build_model, load_model, load_state_dict_file, save_model
-from tests.servers import AWS_TEST_ENV, S3Server, free_port
+from tests.servers import S3Server, free_port
 
 
 def _uint8(n: int, s: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (n, 3, s, s), dtype=torch.uint8, generator=g)
-
-
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """The shared moto server, reached the way a pod reaches its store: endpoint and keys from the env."""
-    for k, v in AWS_TEST_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    return s3_server
 
 
 @pytest.fixture

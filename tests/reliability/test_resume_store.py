@@ -19,7 +19,7 @@ from components import finetune, prepare_data, pretrained, storage
 from components.params import params_from_dict
 from components.storage import StorageError
 from daft_core.faults import KILL_ENV
-from tests.servers import AWS_TEST_ENV, S3Server
+from tests.servers import S3Server
 from tests.tiny_params import tiny_params, write_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,16 +29,6 @@ EPOCHS = 3
 # `training.after_epoch_checkpoint` fires before the epoch callback, so before any upload.)
 KILL_AFTER_UPLOAD = "finetune.after_resume_upload"
 KILL_BEFORE_UPLOAD = "training.after_epoch_checkpoint"
-
-
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    for k, v in AWS_TEST_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    return s3_server
 
 
 @pytest.fixture(scope="module")
