@@ -688,13 +688,8 @@ def publish_report_ui(out_dir: str, summary: Mapping[str, Any], report_md: Any, 
     confusion.log_confusion_matrix(*found)
 
 
-MISSING_VERSION_CODES = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")
-
-
 def _move_alias(params: "Params", method: str, version: Any) -> str | None:
     """Point `method`'s alias at the selected `version`; None when done, else why it could not be."""
-    from mlflow.exceptions import MlflowException
-
     from components import tracking
     from components.tracking.retries import redact_uri
     from daft_core.methods import alias_for
@@ -702,11 +697,8 @@ def _move_alias(params: "Params", method: str, version: Any) -> str | None:
     name = params.pipeline.registered_model
     if not version:
         return "the selected configuration has no registered version (its finetune step was not tracked)"
-    try:
-        tracking.set_alias(name, alias_for(method), version)
-    except MlflowException as err:
-        if err.error_code not in MISSING_VERSION_CODES:
-            raise
-        where = redact_uri(tracking.tracking_uri())
-        return f"version {version} of {name} is not in the model registry at {where} ({err.error_code})"
-    return None
+    missing = tracking.try_set_alias(name, alias_for(method), version)
+    if missing is None:
+        return None
+    where = redact_uri(tracking.tracking_uri())
+    return f"version {version} of {name} is not in the model registry at {where} ({missing})"

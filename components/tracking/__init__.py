@@ -38,7 +38,7 @@ from components.tracking.identity import (
     tracking_uri,
 )
 from components.tracking.redaction import has_credentials, install_log_redaction, redact
-from components.tracking.registry import set_alias, version_for_alias
+from components.tracking.registry import set_alias, try_set_alias, version_for_alias
 from components.tracking.retries import (
     CONFLICT_ATTEMPTS,
     DEFAULT_TIMEOUT_S,
@@ -93,5 +93,6 @@ __all__ = [
     "store_root",
     "tracking_timeout_s",
     "tracking_uri",
+    "try_set_alias",
     "version_for_alias",
 ]

@@ -9,6 +9,9 @@ from components.tracking.retries import mlflow_client, retry
 
 log = logging.getLogger(__name__)
 
+# What the registry answers for a model, version or alias that is not there.
+MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
 
 def set_alias(registered_model: str, alias: str, version: str | int, *, uri: str | None = None) -> None:
     """Point `alias` (e.g. ``champion``) of `registered_model` at `version`."""
@@ -20,6 +23,22 @@ def set_alias(registered_model: str, alias: str, version: str | int, *, uri: str
         lambda: client.set_registered_model_alias(registered_model, alias, str(version)),
     )
     log.info("alias %s@%s -> version %s", registered_model, alias, version)
+
+
+def try_set_alias(
+    registered_model: str, alias: str, version: str | int, *, uri: str | None = None
+) -> str | None:
+    """:func:`set_alias`, but a version the registry does not have is returned as its error code (None
+    when the alias was set); every other failure still raises."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        set_alias(registered_model, alias, version, uri=uri)
+    except MlflowException as err:
+        if err.error_code in MISSING_CODES:
+            return str(err.error_code)
+        raise
+    return None
 
 
 def version_for_alias(registered_model: str, alias: str, *, uri: str | None = None) -> str | None:
@@ -38,7 +57,7 @@ def version_for_alias(registered_model: str, alias: str, *, uri: str | None = No
             lambda: client.get_model_version_by_alias(registered_model, alias),
         )
     except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if err.error_code in MISSING_CODES:
             return None
         raise
     return str(mv.version)
