@@ -63,14 +63,22 @@ def project(
     tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer
 ) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("repo")
-    _copy_project(repo)
     tree = tiny_params(pipeline={"tracking": True, "experiment": "daft-e2e", "registered_model": "daft-e2e"})
-    write_params(repo / "params.yaml", tree)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DAFT_"))}
-    env.update(mlflow_server.s3.env)
+    env = git_project(repo, tree, {**mlflow_server.s3.env, "MLFLOW_TRACKING_URI": mlflow_server.uri})
+    return repo, env
+
+
+def git_project(
+    repo: Path, params: dict, extra_env: dict[str, str], drop: tuple[str, ...] = ("MLFLOW_", "DAFT_")
+) -> dict[str, str]:
+    """The project copied into `repo` with `params` as its params.yaml, committed to a fresh git repo;
+    returns the environment to run dvc there (variables starting with `drop` removed, `extra_env` added)."""
+    _copy_project(repo)
+    write_params(repo / "params.yaml", params)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(extra_env)
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        MLFLOW_TRACKING_URI=mlflow_server.uri,
         OMP_NUM_THREADS="1",
         GIT_AUTHOR_NAME="t",
         GIT_AUTHOR_EMAIL="t@t",
@@ -80,7 +88,7 @@ def project(
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "snapshot"], repo, env)
-    return repo, env
+    return env
 
 
 @pytest.fixture(scope="module")

@@ -137,25 +137,13 @@ def test_dvc_exp_run_temp_keeps_its_runs(tmp_path: Path) -> None:
     the run must land in the real root's mlflow.db (and its artifact location in <repo>/mlartifacts)."""
     from mlflow import MlflowClient
 
-    from tests.test_dvc_e2e import _copy_project, _run
+    from tests.test_dvc_e2e import _run, git_project
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    _copy_project(repo)
     experiment = "daft-exp-temp"
-    write_params(repo / "params.yaml", tiny_params(pipeline={"tracking": True, "experiment": experiment}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DAFT_", "DVC_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        OMP_NUM_THREADS="1",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "snapshot"], repo, env)
+    params = tiny_params(pipeline={"tracking": True, "experiment": experiment})
+    env = git_project(repo, params, {}, drop=("MLFLOW_", "DAFT_", "DVC_"))
     out = _run([str(BIN / "dvc"), "exp", "run", "--temp", "prepare_data"], repo, env, timeout=600)
     assert "Ran experiment" in out, out[-3000:]
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "a store inside the temp workspace"
