@@ -1,9 +1,9 @@
 """FT vs LP vs LP-FT vs DAFT (and DAFT's two ablations): ID/OOD accuracy and feature distortion over seeds.
 
-    python -m benchmarks.compare_methods --seeds 3 [--params params.yaml] [--set KEY=VALUE ...]
+    python -m benchmarks.compare_methods --seeds 5 [--params params.yaml] [--set KEY=VALUE ...]
         [--preset digits] [--epochs N] [--input-size 48] [--model efficientnet_lite0 --weights imagenet]
         [--methods ft,lp,lp_ft,daft,daft_bn_only,daft_fast_head_only] [--no-sweep] [--out PREFIX]
-        [--max-train N] [--threads N]
+        [--no-wise-ft] [--variant METHOD=NAME] [--max-train N] [--threads N]
 
 Settings come from params.yaml (the pipeline's own: data, model, the fine-tuning loop, each method's lrs
 for --no-sweep), then --set, then the explicit flags; the methods, their grids and the ablations' parents
@@ -23,19 +23,27 @@ Protocol (what is measured, and how hyper-parameters are chosen):
 - LP: ``fit_linear_probe`` on frozen features with the paper's ``logspace(-7, 2, 50)`` C sweep, chosen on ID
   val. It is deterministic (no augmentation, full-batch solver), so its std over seeds is 0 by
   construction; it is fitted once and reported for every seed.
-- FT / LP-FT / DAFT: ``finetune`` with the recipe of that name (LP-FT starts from the LP head; DAFT converts
-  BN inside ``finetune``), the pipeline's loop settings (SGD momentum 0.9, no weight decay, cosine
-  schedule, random-resized-crop, no flip: digits are not mirror-symmetric), best epoch chosen on ID val.
-- Learning rates: a small grid per method, run on seed 0 only and selected by best ID-val accuracy (ties:
-  the earlier grid entry); the selected lrs are reused for the other seeds, and the seed-0 sweep run of the
-  selected lrs *is* the seed-0 result (ID test and OOD sets are never looked at during selection).
-  The ablations, by default, are not swept: ``daft_bn_only`` reuses FT's selected lr and
-  ``daft_fast_head_only`` reuses DAFT's selected (head, backbone) lrs, so each differs from its parent in
-  exactly one component. ``--grid daft_bn_only=0.01,0.03`` sweeps one anyway.
+- FT / LP-FT / DAFT and the ablations: ``finetune`` with the recipe of that name, started as the pipeline
+  starts them: LP-FT from the LP head; DAFT and ``daft_bn_only`` from the BN-converted model (the
+  convert_bn stage's procedure: ``convert_batchnorm`` over ID train with params' ``convert_bn`` settings);
+  the pipeline's loop settings (params.yaml); best epoch chosen on ID val.
+- Learning rates: each fine-tuned method's grid from the catalogue (the ablations have their own, as
+  the official code defines them), run on seed 0 only and selected by best ID-val accuracy (ties: the
+  earlier grid entry); the selected lrs are reused for the other seeds, and the seed-0 sweep run of the
+  selected lrs *is* the seed-0 result (ID test and OOD sets are never looked at during selection). Every
+  point must be the published method (``Method.published_violation``) unless ``--variant METHOD=NAME``
+  names the method's rows as a variant, which the report marks.
+- WiSE-FT (Wortsman et al. 2022), for every fine-tuned method and seed: the weights interpolated between
+  the run's start (its start model; the head it started from, zero for a random-head start) and the
+  fine-tuned model, alpha on ``daft_core.wise_ft.DEFAULT_ALPHAS`` chosen on ID val; rows ``<method>+wise``.
 - Metrics, from ``daft_core.evaluate.evaluate(model, sets, reference=pretrained)``: accuracy on ID test and
   on every OOD set; feature distortion (mean L2 distance and mean cosine similarity between the model's
   and the pretrained model's penultimate features) on ID test and on every OOD set; ``ood_mean`` is the
   unweighted mean over the OOD sets. Mean and std (sample std, ddof=1; 0 for a single seed) over seeds.
+- Uncertainty: ``comparisons`` holds, for DAFT against every other row, the per-seed paired differences
+  (DAFT - other, same seed) of ID test and OOD-mean accuracy, their mean and a 95 % t-interval
+  (``ci95``, n - 1 degrees of freedom); the report says when an interval includes 0, and which regime the
+  preset is in (LP vs FT on OOD).
 
 Grid syntax (``--grid``/``--lr``): ``METHOD=LR[,LR...]`` for one-lr methods (head and backbone share it)
 and ``METHOD=HEAD:BACKBONE[,HEAD:BACKBONE...]`` for two-lr methods; repeat the flag per method.
@@ -77,15 +85,13 @@ log = logging.getLogger("benchmarks.compare_methods")
 ALL_METHODS = METHOD_ORDER
 FINETUNED = FINETUNED_METHODS
 TWO_LR = tuple(m for m in FINETUNED if METHODS[m].sweep == "grid")  # head lr and backbone lr apart
-# Ablations inherit their parent's selected lrs unless given a grid of their own.
-PARENT = {m: METHODS[m].lr_from for m in FINETUNED if METHODS[m].lr_from}
-# Run order: a parent before its ablation.
-ORDER = ("lp", *(m for m in FINETUNED if m not in PARENT), *PARENT)
 DEFAULT_GRIDS: dict[str, list[LrPair]] = {m: list(METHODS[m].grid) for m in FINETUNED if METHODS[m].grid}
+REFERENCE = "daft"  # the method every other row is compared against (paired over seeds)
+WISE = "+wise"  # suffix of a WiSE-FT row: "<method>+wise"
 
 
 def default_lrs(params: Params, method: str) -> LrPair:
-    """--no-sweep (and ablations whose parent is not run): params.yaml's lrs, else the recipe's defaults."""
+    """--no-sweep: params.yaml's lrs, else the recipe's defaults."""
     recipe = params.recipe(method) if method in params.finetune.methods else get_recipe(method)
     return (recipe.head_lr, recipe.backbone_lr)
 
@@ -133,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
     p.add_argument("--preset", default=None, help="data.preset (default: params')")
     p.add_argument("--data-seed", type=int, default=None, help="data.seed: split/OOD, fixed across seeds")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds 0..N-1 (>= 5 for intervals)")
     p.add_argument("--epochs", type=int, default=None, help="finetune.epochs (default: params')")
     p.add_argument("--batch-size", type=int, default=None, help="finetune.batch_size (default: params')")
     p.add_argument("--input-size", type=int, default=None, help="model.input_size (default: params')")
@@ -143,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true", help="no lr sweep: use --lr values or the defaults")
     p.add_argument("--grid", action="append", metavar="METHOD=LRS", help="override a method's sweep grid")
     p.add_argument("--lr", action="append", metavar="METHOD=LR", help="lrs for --no-sweep (one entry)")
+    p.add_argument("--no-wise-ft", action="store_true", help="skip the WiSE-FT rows")
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar="METHOD=NAME",
+        help="allow lrs that are not the published method for METHOD; its rows are marked NAME",
+    )
     p.add_argument("--max-train", type=int, default=None, help="subsample ID train (smoke tests)")
     p.add_argument("--device", default=None, help="finetune.device (default: params')")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -157,6 +170,56 @@ def _mean_std(values: Sequence[float]) -> dict[str, Any]:
     arr = np.asarray(values, dtype=np.float64)
     std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
     return {"mean": float(arr.mean()), "std": std, "n": int(arr.size)}
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Per-seed differences a - b, their mean and a 95 % t-interval (n - 1 degrees of freedom)."""
+    from scipy.stats import t as student_t
+
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = int(diffs.size)
+    mean = float(diffs.mean())
+    if n < 2:
+        lo = hi = None
+    else:
+        half = float(student_t.ppf(0.975, n - 1) * diffs.std(ddof=1) / math.sqrt(n))
+        lo, hi = mean - half, mean + half
+    return {
+        "diffs": [float(d) for d in diffs],
+        "mean": mean,
+        "ci95": [lo, hi] if lo is not None else None,
+        "n": n,
+        "includes_zero": None if lo is None else bool(lo <= 0.0 <= hi),
+    }
+
+
+def comparisons(methods: dict[str, Any], reference: str = REFERENCE) -> dict[str, Any]:
+    """`reference` against every other row: paired (same seed) differences of ID test and OOD mean."""
+    if reference not in methods:
+        return {}
+    ref = {r["seed"]: r["metrics"] for r in methods[reference]["per_seed"]}
+    out: dict[str, Any] = {}
+    for name, res in methods.items():
+        if name == reference:
+            continue
+        other = {r["seed"]: r["metrics"] for r in res["per_seed"]}
+        seeds = sorted(set(ref) & set(other))
+        entry: dict[str, Any] = {"seeds": seeds}
+        for key, label in (("acc.id_test", "id_test"), ("acc.ood_mean", "ood_mean")):
+            if all(key in ref[s] and key in other[s] for s in seeds) and seeds:
+                entry[label] = paired([ref[s][key] for s in seeds], [other[s][key] for s in seeds])
+        out[f"{reference} - {name}"] = entry
+    return out
+
+
+def regime(methods: dict[str, Any]) -> dict[str, Any] | None:
+    """Which side of the paper's premise the preset is on: LP beats FT OOD (the paper's regime) or not."""
+    try:
+        lp = methods["lp"]["summary"]["acc.ood_mean"]["mean"]
+        ft = methods["ft"]["summary"]["acc.ood_mean"]["mean"]
+    except KeyError:
+        return None
+    return {"lp_ood_mean": lp, "ft_ood_mean": ft, "lp_beats_ft_ood": bool(lp > ft)}
 
 
 def _flat_metrics(ev: dict[str, Any], ood_names: Sequence[str]) -> dict[str, float]:
@@ -210,9 +273,13 @@ def _run_one(
     bundle: Any,
     params: Params,
     probe_head: torch.nn.Linear | None,
+    variant: str | None = None,
 ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
-    """One fine-tuning run; returns (best-val model or None if it diverged, record)."""
+    """One fine-tuning run from `start` (the method's start model); (best-val model or None, record)."""
     recipe = get_recipe(method, head_lr=lrs[0], backbone_lr=lrs[1])
+    reason = METHODS[method].published_violation(*lrs)
+    if reason is not None and variant is None:
+        raise SystemExit(f"{reason}; name the run with --variant {method}=NAME to run it anyway")
     model = copy.deepcopy(pretrained)
     start = time.perf_counter()
     record: dict[str, Any] = {"seed": seed, "head_lr": lrs[0], "backbone_lr": lrs[1]}
@@ -224,6 +291,7 @@ def _run_one(
             recipe,
             _finetune_config(params, method, seed),
             probe_head=probe_head if recipe.head_init == "probe" else None,
+            bn_converted=recipe.convert_bn,  # `pretrained` is then the BN-converted start (start_model)
         )
     except NonFiniteLossError as e:
         record.update(val_accuracy=None, best_epoch=None, seconds=time.perf_counter() - start, error=str(e))
@@ -279,6 +347,18 @@ def _summary(per_seed: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def bn_converted_start(
+    pretrained: torch.nn.Module, bundle: Any, params: Params, device: torch.device
+) -> torch.nn.Module:
+    """The convert_bn stage's model: DAFT's conversion over ID train with params' convert_bn settings."""
+    from daft_core.bn_conversion import convert_batchnorm
+
+    model = copy.deepcopy(pretrained).to(device)
+    c = params.convert_bn
+    convert_batchnorm(model, iterate_batches(bundle.train, c.batch_size, device=device), stats=c.stats)
+    return model.cpu().eval()
+
+
 def run_lp(
     pretrained: torch.nn.Module, bundle: Any, seeds: Sequence[int], device: torch.device
 ) -> tuple[torch.nn.Linear, dict[str, Any]]:
@@ -322,23 +402,69 @@ def run_lp(
     return probe.head, result
 
 
+def _wise(
+    method: str,
+    start: torch.nn.Module,
+    model: torch.nn.Module,
+    pretrained: torch.nn.Module,
+    bundle: Any,
+    probe_head: torch.nn.Linear | None,
+    rec: dict[str, Any],
+) -> dict[str, Any]:
+    from daft_core.wise_ft import select_alpha, start_model
+
+    t = time.perf_counter()
+    # The run's start with the head it began from (probe's for LP-FT; zero for zero- and random-head
+    # starts: a random head would add noise, a zero one leaves the fine-tuned head scaled by alpha).
+    begin = start_model(start, get_recipe(method).head_init, probe_head)
+    res = select_alpha(begin, model, bundle.val.images, bundle.val.labels)
+    out = {
+        "seed": rec["seed"],
+        "head_lr": rec["head_lr"],
+        "backbone_lr": rec["backbone_lr"],
+        "alpha": float(res.alpha),
+        "val_accuracy": float(max(c["val_accuracy"] for c in res.curve if c["alpha"] == res.alpha)),
+        "alpha_curve": [
+            {"alpha": c["alpha"], "val_accuracy": round(c["val_accuracy"], 4)} for c in res.curve
+        ],
+        "metrics": _evaluate(res.model, pretrained, bundle),
+    }
+    out["seconds"] = rec["seconds"] + time.perf_counter() - t
+    log.info(
+        "%-20s seed %d  alpha %.2f  ID val %.4f", method + WISE, rec["seed"], res.alpha, out["val_accuracy"]
+    )
+    return out
+
+
 def run_finetuned(
     method: str,
     grid: list[LrPair],
     sweep: bool,
     seeds: Sequence[int],
+    start: torch.nn.Module,
     pretrained: torch.nn.Module,
     bundle: Any,
     params: Params,
     probe_head: torch.nn.Linear | None,
-    inherited_from: str | None = None,
-) -> dict[str, Any]:
+    wise: bool = True,
+    variant: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """`method` over `seeds` from `start` (swept on the first seed); its result and its WiSE-FT result."""
     sweep_records: list[dict[str, Any]] = []
     per_seed: list[dict[str, Any]] = []
+    wise_per_seed: list[dict[str, Any]] = []
+
+    def finish(model: torch.nn.Module, rec: dict[str, Any]) -> None:
+        rec["metrics"] = _evaluate(model, pretrained, bundle)
+        per_seed.append(rec)
+        if wise:
+            wise_per_seed.append(_wise(method, start, model, pretrained, bundle, probe_head, rec))
+
+    run = (method, start, bundle, params, probe_head, variant)
     if sweep and len(grid) > 1:
         best_model, best_idx = None, -1
         for i, lrs in enumerate(grid):
-            model, rec = _run_one(method, lrs, seeds[0], pretrained, bundle, params, probe_head)
+            model, rec = _run_one(method, lrs, seeds[0], start, *run[2:])
             sweep_records.append(rec)
             if model is not None and _select(sweep_records) == i:
                 best_model, best_idx = model, i  # keep only the current best model in memory
@@ -346,34 +472,46 @@ def run_finetuned(
         assert best_model is not None and best_idx >= 0
         chosen = grid[best_idx]
         log.info("%s: selected lr head %g / backbone %g on ID val", method, *chosen)
-        rec = dict(sweep_records[best_idx])
-        rec["metrics"] = _evaluate(best_model, pretrained, bundle)
-        per_seed.append(rec)
+        finish(best_model, dict(sweep_records[best_idx]))
         del best_model
         rest = seeds[1:]
         selection = f"ID val accuracy on seed {seeds[0]} (sweep of {len(grid)})"
     else:
         chosen = grid[0]
         rest = seeds
-        selection = (
-            f"inherited from {inherited_from}'s selected lrs" if inherited_from else "fixed (no sweep)"
-        )
+        selection = "fixed (no sweep)"
     for seed in rest:
-        model, rec = _run_one(method, chosen, seed, pretrained, bundle, params, probe_head)
+        model, rec = _run_one(method, chosen, seed, start, *run[2:])
         if model is None:
             raise RuntimeError(f"{method} diverged at seed {seed} with the selected lrs {chosen}")
         if not sweep_records and seed == seeds[0]:
             sweep_records.append({k: v for k, v in rec.items()})
-        rec["metrics"] = _evaluate(model, pretrained, bundle)
-        per_seed.append(rec)
+        finish(model, rec)
         del model
-    return {
+    result = {
         "selected": {"head_lr": chosen[0], "backbone_lr": chosen[1]},
         "selection": selection,
         "sweep": sweep_records,
         "per_seed": per_seed,
         "summary": _summary(per_seed),
     }
+    if variant is not None:
+        result["variant"] = variant
+    wise_result = None
+    if wise:
+        from daft_core.wise_ft import DEFAULT_ALPHAS
+
+        wise_result = {
+            "selected": {"head_lr": chosen[0], "backbone_lr": chosen[1]},
+            "selection": f"{method}'s runs; alpha on {list(DEFAULT_ALPHAS)} by ID val, per seed",
+            "sweep": [],
+            "per_seed": wise_per_seed,
+            "summary": _summary(wise_per_seed),
+            "alphas": [r["alpha"] for r in wise_per_seed],
+        }
+        if variant is not None:
+            wise_result["variant"] = variant
+    return result, wise_result
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -383,6 +521,8 @@ def _lr_text(method: str, res: dict[str, Any]) -> str:
     sel = res["selected"]
     if "C" in sel:
         return f"C={sel['C']:.3g}"
+    if "alphas" in res:
+        return "α " + "/".join(f"{a:g}" for a in res["alphas"])
     if method in TWO_LR:
         return f"{sel['head_lr']:g}/{sel['backbone_lr']:g}"
     return f"{sel['head_lr']:g}"
@@ -399,7 +539,8 @@ def format_table(results: dict[str, Any]) -> str:
     rows = []
     for method, res in results["methods"].items():
         s = res["summary"]
-        row = [method, _lr_text(method, res), _pm(s["acc.id_val"]), _pm(s["acc.id_test"])]
+        name = method + (f" (variant: {res['variant']})" if res.get("variant") else "")
+        row = [name, _lr_text(method, res), _pm(s["acc.id_val"]), _pm(s["acc.id_test"])]
         row += [_pm(s[f"acc.{n}"]) for n in ood]
         row += [_pm(s["acc.ood_mean"]) if "acc.ood_mean" in s else "-"]
         row += [_pm(s["dist_l2.id_test"], 1.0, 2)]
@@ -411,6 +552,66 @@ def format_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _ci(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "-"
+    if p["ci95"] is None:
+        return f"{100 * p['mean']:+.1f} (one seed: no interval)"
+    lo, hi = p["ci95"]
+    return f"{100 * p['mean']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def _verdict(p: dict[str, Any] | None) -> str:
+    if not p or p["includes_zero"] is None:
+        return "no interval"
+    if p["includes_zero"]:
+        return "includes 0: no difference shown"
+    return f"{REFERENCE} {'better' if p['mean'] > 0 else 'worse'}"
+
+
+def comparison_lines(results: dict[str, Any]) -> list[str]:
+    """The paired comparison table, each interval's plain reading, and the preset's regime."""
+    comps = results.get("comparisons") or {}
+    lines: list[str] = []
+    if comps:
+        lines += [
+            f"## {REFERENCE} against each method: paired differences over seeds",
+            "",
+            f"Per seed, {REFERENCE}'s accuracy minus the other method's (same seed, same data); mean over "
+            "seeds and 95 % t-interval, in percentage points. An interval that includes 0 shows no "
+            "difference at this number of seeds.",
+            "",
+            "| comparison | n | ID test diff [95 % CI] | reading | OOD mean diff [95 % CI] | reading |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, c in comps.items():
+            i, o = c.get("id_test"), c.get("ood_mean")
+            lines.append(
+                f"| {name} | {len(c['seeds'])} | {_ci(i)} | {_verdict(i)} | {_ci(o)} | {_verdict(o)} |"
+            )
+        zero = [n for n, c in comps.items() if (c.get("ood_mean") or {}).get("includes_zero")]
+        if zero:
+            lines += ["", "OOD-mean intervals that include 0: " + ", ".join(zero) + "."]
+        lines.append("")
+    r = results.get("regime")
+    if r:
+        lp, ft = 100 * r["lp_ood_mean"], 100 * r["ft_ood_mean"]
+        if r["lp_beats_ft_ood"]:
+            text = (
+                f"LP beats FT out of distribution here (OOD mean {lp:.1f} vs {ft:.1f} %): the regime the "
+                "paper describes, where fine-tuning distorts good pretrained features."
+            )
+        else:
+            text = (
+                f"LP is below FT out of distribution here (OOD mean {lp:.1f} vs {ft:.1f} %): the opposite "
+                "of the regime the paper describes (there LP beats FT OOD). The pretrained features are "
+                "not good enough for this shift on their own, so limiting feature distortion is not "
+                "expected to help as much; read the DAFT comparisons with that in mind."
+            )
+        lines += ["## Regime", "", text, ""]
+    return lines
 
 
 def _json_line(results: dict[str, Any]) -> str:
@@ -447,7 +648,7 @@ def write_outputs(results: dict[str, Any], prefix: str | os.PathLike[str]) -> No
     ]
     for method, res in results["methods"].items():
         lines.append(f"- **{method}**: {res['selection']}; selected {_lr_text(method, res)}")
-        if method == "lp":
+        if method == "lp" or method.endswith(WISE):
             continue
         for r in res["sweep"]:
             acc = "diverged" if r.get("val_accuracy") is None else f"{100 * r['val_accuracy']:.2f}%"
@@ -455,7 +656,9 @@ def write_outputs(results: dict[str, Any], prefix: str | os.PathLike[str]) -> No
                 f"  - head {r['head_lr']:g} / backbone {r['backbone_lr']:g}: ID val {acc}"
                 f" (best epoch {r.get('best_epoch')}, curve {r.get('val_curve')}, {r['seconds']:.0f} s)"
             )
-    lines += ["", "JSON: the `.json` file next to this one (same content as the printed JSON line).", ""]
+    lines.append("")
+    lines += comparison_lines(results)
+    lines += ["JSON: the `.json` file next to this one (same content as the printed JSON line).", ""]
     md_path.write_text("\n".join(lines))
 
 
@@ -488,6 +691,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     params = load_settings(args)
     grids = {**DEFAULT_GRIDS, **_method_map(args.grid, "--grid")}
     fixed = _method_map(args.lr, "--lr")
+    variants = dict(v.split("=", 1) for v in args.variant or [] if "=" in v)
+    if any(m not in FINETUNED or not n for m, n in variants.items()) or len(variants) != len(
+        args.variant or []
+    ):
+        raise SystemExit(f"--variant: expected METHOD=NAME with METHOD in {', '.join(FINETUNED)}")
     seeds = list(range(args.seeds))
     t0 = time.perf_counter()
 
@@ -539,28 +747,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if "lp" in methods:
             results["methods"]["lp"] = lp_result
             checkpoint()
-    for method in ORDER:
-        if method == "lp" or method not in methods:
+    converted = None
+    for method in FINETUNED:
+        if method not in methods:
             continue
-        parent = PARENT.get(method)
-        inherited = None
         if method in fixed:
             grid, sweep = fixed[method][:1], False
         elif args.no_sweep:
             grid, sweep = [default_lrs(params, method)], False
         elif method in grids:
             grid, sweep = grids[method], True
-        elif parent is not None and parent in results["methods"]:
-            sel = results["methods"][parent]["selected"]
-            grid, sweep, inherited = [(sel["head_lr"], sel["backbone_lr"])], False, parent
         else:
             grid, sweep = [default_lrs(params, method)], False
-        results["methods"][method] = run_finetuned(
-            method, grid, sweep, seeds, pretrained, bundle, params, probe_head, inherited_from=inherited
+        if get_recipe(method).convert_bn and converted is None:
+            converted = bn_converted_start(pretrained, bundle, params, device)
+        start = converted if get_recipe(method).convert_bn else pretrained
+        res, wise_res = run_finetuned(
+            method,
+            grid,
+            sweep,
+            seeds,
+            start,
+            pretrained,
+            bundle,
+            params,
+            probe_head,
+            wise=not args.no_wise_ft,
+            variant=variants.get(method),
         )
+        results["methods"][method] = res
+        if wise_res is not None:
+            results["methods"][method + WISE] = wise_res
         checkpoint()
-    # Report in the canonical method order.
-    results["methods"] = {m: results["methods"][m] for m in ALL_METHODS if m in results["methods"]}
+    # Report in the canonical method order, each WiSE-FT row after its method.
+    order = [n for m in ALL_METHODS for n in (m, m + WISE)]
+    results["methods"] = {m: results["methods"][m] for m in order if m in results["methods"]}
+    results["comparisons"] = comparisons(results["methods"])
+    results["regime"] = regime(results["methods"])
     results["partial"] = False
     checkpoint()
     print(format_table(results))

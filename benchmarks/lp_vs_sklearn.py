@@ -6,7 +6,8 @@ like a backbone's penultimate layer: class-conditional gaussians in a low-rank l
 a random projection with a decaying spectrum, plus noise, then a ReLU (post-activation features are
 non-negative, sparse and strongly correlated, which is what makes real probes ill-conditioned).
 
-sklearn runs on the same standardised features, one ``fit`` per C with ``warm_start=True`` (the LP-FT /
+sklearn runs on the same normalised features (``--normalize``: the paper's scalar mean/std by default,
+or per_feature = StandardScaler, or none), one ``fit`` per C with ``warm_start=True`` (the LP-FT /
 DAFT reference recipe) and its own defaults otherwise (``tol=1e-4``, ``max_iter`` = ``--max-iter``, sklearn's
 default 100), so both solvers minimise the same objective under the same stopping rule.
 ``--max-seconds`` stops sklearn's sweep early; the speedup is then computed on the Cs both completed.
@@ -24,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-from daft_core.probe import LOGSPACE_CS, fit_linear_probe
+from daft_core.probe import LOGSPACE_CS, NORMALIZE_MODES, fit_linear_probe
 
 
 def make_features(
@@ -56,15 +57,22 @@ def sklearn_sweep(
     max_iter: int,
     tol: float,
     max_seconds: float,
+    normalize: str = "scalar",
 ) -> dict:
-    """The reference recipe: StandardScaler, then LogisticRegression(warm_start=True) refit per C."""
+    """The reference recipe: normalise as the probe does, then LogisticRegression(warm_start=True) per C."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     t0, c0 = time.perf_counter(), time.process_time()
-    scaler = StandardScaler().fit(xt)
-    xts, xvs = scaler.transform(xt), scaler.transform(xv)
+    if normalize == "scalar":  # the official DAFT code: one np.mean / np.std over the train matrix
+        mean, std = float(np.mean(xt, dtype=np.float64)), float(np.std(xt, dtype=np.float64))
+        xts, xvs = (xt - mean) / std, (xv - mean) / std
+    elif normalize == "per_feature":
+        scaler = StandardScaler().fit(xt)
+        xts, xvs = scaler.transform(xt), scaler.transform(xv)
+    else:
+        xts, xvs = xt, xv
     clf = LogisticRegression(warm_start=True, max_iter=max_iter, tol=tol, random_state=0)
     accs: list[float] = []
     cum: list[float] = []
@@ -108,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-seconds", type=float, default=1800.0, help="stop sklearn's sweep after this")
     p.add_argument("--sep", type=float, default=0.3, help="class separation (0.3: ~73%% val accuracy)")
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads for both solvers")
+    p.add_argument("--normalize", choices=NORMALIZE_MODES, default="scalar", help="both solvers")
     p.add_argument("--skip-sklearn", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -146,6 +155,7 @@ def _run(
         device=a.device,
         max_iter=a.max_iter,
         tol=a.tol,
+        normalize=a.normalize,
     )
     torch_cpu = time.process_time() - c0
     out: dict = {
@@ -156,6 +166,7 @@ def _run(
         "num_cs": len(cs),
         "max_iter": a.max_iter,
         "tol": a.tol,
+        "normalize": a.normalize,
         "threads": a.threads,
         "device": str(a.device or ("cuda" if torch.cuda.is_available() else "cpu")),
         "torch_threads": torch.get_num_threads(),
@@ -168,7 +179,7 @@ def _run(
         "torch_total_evaluations": int(sum(r["evaluations"] for r in res.sweep)),
     }
     if not a.skip_sklearn:
-        sk = sklearn_sweep(xt, yt, xv, yv, cs, a.max_iter, a.tol, a.max_seconds)
+        sk = sklearn_sweep(xt, yt, xv, yv, cs, a.max_iter, a.tol, a.max_seconds, a.normalize)
         m = sk["completed_cs"]
         setup = res.seconds - sum(r["seconds"] for r in res.sweep)  # standardise, preconditioner
         torch_prefix = setup + sum(r["seconds"] for r in res.sweep[:m])

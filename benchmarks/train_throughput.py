@@ -1,6 +1,7 @@
 """Images/s of the fine-tuning loop versus a classic PIL/DataLoader loop and a model-only upper bound.
 
     python -m benchmarks.train_throughput [--device auto] [--batch-sizes 64,256] [--steps 30] [--compile]
+    python -m benchmarks.train_throughput --explain [--device cuda]   # Dynamo's graphs/breaks of the step
 
 Three variants, each timed over ``--steps`` steps after ``--warmup`` steps, on torchvision ResNet-50
 (weights=None), printed as one JSON line:
@@ -9,7 +10,7 @@ Three variants, each timed over ``--steps`` steps after ``--warmup`` steps, on t
   (RandomResizedCrop + flip + ToTensor + Normalize) in ``--num-workers`` workers.
 - ``ours``: the real loop body, `daft_core.training.run_train_steps`: uint8 batches from
   `daft_core.data.iterate_batches` (pinned, copied to the device as uint8), `augment_batch` on the device,
-  bf16 autocast + channels-last on CUDA, optional torch.compile.
+  bf16 autocast + channels-last on CUDA, optional torch.compile (CUDA, or CPU with a C++ compiler).
 - ``model_only``: `train_step` on one pre-made device tensor: the ceiling for any input pipeline.
 
 Targets (GPU only): ours >= 2x plain and >= 95% of model_only at the largest batch size. On CPU this is
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -199,6 +201,48 @@ def bench_model_only(args: argparse.Namespace, device: torch.device, batch: int,
     return args.steps * batch / seconds
 
 
+# ---------------------------------------------------------------------------------------------- explain
+
+
+class _EagerOptimizer:
+    """The optimizer's zero_grad/step stay eager in the loop (Dynamo deliberately skips
+    ``Optimizer.zero_grad``); this stand-in lets `explain` see the rest of `train_step` as it runs."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+def explain_step(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], str]:
+    """``torch._dynamo.explain`` of one `train_step` (forward + fp32 loss + backward, with the run's amp
+    and channels-last) at the smallest batch size: (JSON summary, Dynamo's text report)."""
+    import dataclasses
+
+    import torch._dynamo
+
+    eager = argparse.Namespace(**{**vars(args), "compile": False})
+    _, ctx = _our_context(eager, device)
+    ctx = dataclasses.replace(ctx, optimizer=_EagerOptimizer())
+    batch = min(args.batch_sizes)
+    x = torch.rand(batch, 3, args.image_size, args.image_size, device=device)
+    y = (torch.arange(batch) % NUM_CLASSES).to(device)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # follow loss.backward() as well
+        out = torch._dynamo.explain(train_step)(ctx, x, y)
+    summary = {
+        "graph_count": out.graph_count,
+        "graph_break_count": out.graph_break_count,
+        "op_count": out.op_count,
+        "break_reasons": [str(b.reason).splitlines()[0] for b in out.break_reasons],
+        "batch": batch,
+        "image_size": args.image_size,
+    }
+    torch._dynamo.reset()
+    return summary, str(out)
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
@@ -216,8 +260,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--image-size", type=int, default=None, help="training resolution (default: 224; 32 on CPU)"
     )
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers for the plain loop")
-    p.add_argument("--compile", action="store_true", help="torch.compile our step (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our step (CPU: needs g++)")
     p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print torch._dynamo.explain of the training step (graphs, breaks) before the benchmark",
+    )
+    p.add_argument("--explain-only", action="store_true", help="--explain, then stop")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     args.device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
@@ -266,7 +316,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "num_workers": args.num_workers,
-        "compile": bool(args.compile and device.type == "cuda"),
+        "compile": bool(args.compile),
         "threads": torch.get_num_threads(),
         "results": results,
         "ratio_at_batch": max(args.batch_sizes),
@@ -277,7 +327,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(json.dumps(run_benchmark(_parse(argv))))
+    args = _parse(argv)
+    explained = None
+    if args.explain or args.explain_only:
+        explained, report = explain_step(args, torch.device(args.device))
+        print(report, file=sys.stderr)
+        print(json.dumps({"benchmark": "train_throughput.explain", **explained}))
+    if args.explain_only:
+        return
+    result = run_benchmark(args)
+    if explained is not None:
+        result["explain"] = explained
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

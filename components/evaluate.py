@@ -48,8 +48,9 @@ def summarize(method: str, raw: dict[str, Any], ood_names: Sequence[str]) -> dic
             "per_set": distortion,
         }
     pd = raw.get("parameter_distance")
-    if pd:
+    if pd:  # total: the backbone only (how far the pretrained features moved); the head separately
         out["parameter_distance_total"] = pd["total"]
+        out["parameter_distance_head"] = pd.get("head")
     return out
 
 
@@ -97,6 +98,10 @@ def run(
             class_names=bundle.class_names,
         )
         metrics = summarize(method, raw, list(bundle.ood))
+        if model.extra.get("variant"):  # not the published method: the report marks the row
+            metrics["variant"] = model.extra["variant"]
+        if model.extra.get("stage") == "wise_ft":  # a WiSE-FT mix: its base method and α, for the report
+            metrics["wise_ft"] = dict(model.extra.get("wise_ft") or {})
         metrics["seconds"] = timer.seconds
         write_json(out_metrics, metrics)
         write_json(details_path(out_metrics), raw)

@@ -22,12 +22,13 @@ from components.common import (
     write_json,
 )
 from components.outputs import check_outputs
-from components.params import Params
+from components.params import Params, without_tracking
 from components.publish import publish_model
 
 if TYPE_CHECKING:
     from daft_core.recipes import Recipe
     from daft_core.training import FinetuneConfig
+    from daft_core.training.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def finetune_config(params: Params, method: str, **overrides: Any) -> FinetuneCo
         "device": f.device,
         "compile": f.compile,
         "channels_last": f.channels_last,
+        "schedule": f.schedule,
+        "sync_bn": f.sync_bn,
         "eval_batch_size": params.evaluate.batch_size,
     }
     return FinetuneConfig(**{**settings, **overrides})
@@ -142,19 +145,51 @@ def run(
     curves_out: str | Path | None = None,
     resume: str = "auto",
 ) -> dict[str, Any]:
+    """Fine-tune one branch. Under ``torchrun --nproc-per-node N -m components.finetune ...`` every rank
+    trains its share of each batch; rank 0 alone writes the outputs and talks to MLflow and the resume
+    store, the others return after it has published (docs/distributed.md)."""
+    from daft_core.training.distributed import barrier, distributed_session
+
+    with distributed_session(params.finetune.device) as rank:
+        summary = _run(params, method, model_in, data_dir, out_dir, curves_out, resume, rank)
+        barrier(rank)  # the other ranks wait until rank 0 has published
+        return summary
+
+
+def _untracked(params: Params) -> Params:
+    """``params`` with tracking off: what ranks other than 0 run with."""
+    return without_tracking(params)
+
+
+def _run(
+    params: Params,
+    method: str,
+    model_in: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    curves_out: str | Path | None,
+    resume: str,
+    rank: Dist,
+) -> dict[str, Any]:
     from daft_core.atomic import recover
     from daft_core.data.checks import check_labels_fit
     from daft_core.faults import kill_point
     from daft_core.models import load_model
     from daft_core.training import finetune
 
-    check_outputs("finetune", dirs=[out_dir], files=[curves_out], inputs=[model_in, data_dir])
+    if rank.is_main:
+        check_outputs("finetune", dirs=[out_dir], files=[curves_out], inputs=[model_in, data_dir])
+    else:
+        params = _untracked(params)  # one MLflow run and one registered version per job: rank 0's
 
     timer = Timer()
     recipe = params.recipe(method)
     config = finetune_config(params, method)
     start = params.method(method).start
+    variant = params.method(method).variant  # a run that is not the published method is named (params)
     logged = {"method": method, "recipe": recipe.to_dict(), "config": config.to_dict(), "start": start}
+    if variant is not None:
+        logged["variant"] = variant
     with tracked(params, "finetune", logged, method=method) as tracker:
         bundle = load_data(data_dir, tracker, "training")
         model = load_model(model_file(model_in))
@@ -169,9 +204,10 @@ def run(
         probe_head = model.head if recipe.head_init == "probe" else None
         # A stable place for the resumable checkpoint, so a killed run continues where it stopped.
         resume_dir = Path(out_dir).parent / f".{Path(out_dir).name}.resume"
-        recover(resume_dir / "last.pt")  # torn temporaries of a checkpoint write a kill interrupted
+        if rank.is_main:
+            recover(resume_dir / "last.pt")  # torn temporaries of a checkpoint write a kill interrupted
         store_uri = resume_store_uri(params, method, recipe)
-        store = ResumeStore(store_uri, resume_dir) if store_uri else None
+        store = ResumeStore(store_uri, resume_dir) if store_uri and rank.is_main else None
         if store is not None:
             store.pull(resume)
 
@@ -197,11 +233,16 @@ def run(
         )
         summary = {
             "method": method,
+            "variant": variant,
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
             "epochs": config.epochs,
+            "world_size": result.world_size,
+            "batch_size_per_rank": config.batch_size,
             "seconds": timer.seconds,
         }
+        if not rank.is_main:
+            return summary  # outputs, tracking and the resume store are rank 0's
         if curves_out is not None:
             write_json(curves_out, result.history)
         tracker.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy})
@@ -218,7 +259,12 @@ def run(
             method=method,
             alias_of=method,
             bundle=bundle,
-            extra={"stage": "finetune", "method": method, "bn_converted": recipe.convert_bn or bn_converted},
+            extra={
+                "stage": "finetune",
+                "method": method,
+                "variant": variant,
+                "bn_converted": recipe.convert_bn or bn_converted,
+            },
             reports=reports,
             files={"last.pt": resume_dir / "last.pt"},
             source=start,

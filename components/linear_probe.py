@@ -1,4 +1,9 @@
-"""Step 4: linear probing: frozen features once, logistic-regression C sweep chosen on ID val."""
+"""Step 4: linear probing: frozen features once, logistic-regression C sweep chosen on ID val.
+
+``linear_probe.normalize`` (default ``scalar``, the paper's one mean / one std over all train features)
+and ``linear_probe.max_iter`` (default 200, the official config's) go to ``fit_linear_probe``; the mode
+is recorded in ``probe.json``, the model's metadata, the step's metrics and the returned summary.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +62,8 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             Cs=np.logspace(np.log10(lp.c_min), np.log10(lp.c_max), lp.num_cs),
             num_classes=len(bundle.class_names),
             device=device,
+            normalize=lp.normalize,
+            max_iter=lp.max_iter,
         )
         with torch.no_grad():
             source.head.weight.copy_(result.head.weight)
@@ -68,6 +75,7 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
                 "best_C": result.best_C,
                 "val_accuracy": result.val_accuracy,
                 "train_accuracy": result.train_accuracy,
+                "head_max_abs_weight": float(result.head.weight.detach().abs().max()),
             }
         )
         version = publish_model(
@@ -80,12 +88,14 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
             method="lp",
             alias_of="linear_probe",
             bundle=bundle,
-            extra={"stage": "linear_probe", "bn_converted": False},
+            extra={"stage": "linear_probe", "bn_converted": False, "probe_normalize": result.normalize},
             reports={"probe.json": result.to_dict()},
             source="pretrained",
         )
         log.info(
-            "probe: best C %.3g, ID val %.4f (sweep of %d in %.1fs)",
+            "probe (%s normalisation, max_iter %d): best C %.3g, ID val %.4f (sweep of %d in %.1fs)",
+            result.normalize,
+            lp.max_iter,
             result.best_C,
             result.val_accuracy,
             len(result.sweep),
@@ -94,6 +104,8 @@ def run(params: Params, model_in: str | Path, data_dir: str | Path, out_dir: str
         return {
             "best_C": result.best_C,
             "val_accuracy": result.val_accuracy,
+            "normalize": result.normalize,
+            "max_iter": lp.max_iter,
             "seconds": timer.seconds,
             "registered_version": version,
             **tracker.run_info(),

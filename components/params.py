@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from daft_core.methods import FINETUNED_METHODS, get_recipe
+from daft_core.methods import FINETUNED_METHODS, get_method, get_recipe
 
 if TYPE_CHECKING:
     from daft_core.recipes import Recipe
@@ -144,6 +144,9 @@ class ProbeParams(_Strict):
     c_max: Float = Field(1e2, gt=0)
     batch_size: Int = Field(256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the paper's one mean / one std over all train features (daft_core.probe.NORMALIZE_MODES)
+    normalize: Literal["scalar", "per_feature", "none"] = "scalar"
+    max_iter: Int = Field(200, ge=1, le=100_000)  # L-BFGS iterations per C; the official code's 200
 
     @model_validator(mode="after")
     def _range(self) -> ProbeParams:
@@ -174,6 +177,9 @@ class MethodParams(_Strict):
     backbone_lr: Float | None = Field(None, ge=0)
     # 0 epochs would publish the starting model as "fine-tuned": at least one
     epochs: Int | None = Field(None, ge=1, le=10_000)
+    # A run whose lrs cannot be the published method (DAFT with head lr <= backbone lr, ...) is refused
+    # unless named here; the name travels with its model and metrics, and the report marks the row.
+    variant: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,39}$")] | None = None
 
     def with_lrs(
         self, lr: float | None = None, head_lr: float | None = None, backbone_lr: float | None = None
@@ -198,6 +204,11 @@ def resolve_lrs(
     return (head_lr if head_lr is not None else head, backbone_lr if backbone_lr is not None else backbone)
 
 
+def _default_lrs(name: str) -> tuple[float, float]:
+    recipe = get_method(name).recipe
+    return recipe.head_lr, recipe.backbone_lr
+
+
 class FinetuneParams(_Strict):
     epochs: Int = Field(6, ge=1, le=10_000)  # 0 would publish the starting model as "fine-tuned"
     batch_size: Int = Field(64, ge=1)
@@ -208,6 +219,11 @@ class FinetuneParams(_Strict):
     compile: StrictBool = False
     # channels_last is ~20% faster for EfficientNet's depthwise convs on CPU too (measured), same accuracy.
     channels_last: Literal["auto", "on", "off"] = "on"
+    # The paper's schedule: cosine annealing stepped once per epoch (the official code's CosineAnnealingLR);
+    # "cosine_step" decays per optimisation step.
+    schedule: Literal["cosine_epoch", "cosine_step"] = "cosine_epoch"
+    # Data-parallel runs (torchrun): BN batch statistics per rank (the paper's per-GPU 64) unless true.
+    sync_bn: StrictBool = False
     augment: AugmentParams = AugmentParams()
     methods: dict[str, MethodParams] = Field(default_factory=dict)
 
@@ -231,6 +247,39 @@ class EvaluateParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+# WiSE-FT's default α grid (daft_core.wise_ft.DEFAULT_ALPHAS; not imported here: params must not load torch).
+WISE_FT_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+class WiseFtParams(_Strict):
+    """WiSE-FT (components.wise_ft): each listed method's fine-tuned weights mixed with its start's, at the
+    α of `alphas` best on ID val (ties: the smaller). Off by default (no methods); each must be configured
+    under finetune.methods (checked in params_from_dict)."""
+
+    methods: list[str] = Field(default_factory=list)
+    alphas: list[Float] = Field(default_factory=lambda: list(WISE_FT_ALPHAS), min_length=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(FINETUNE_METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; valid: {list(FINETUNE_METHODS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a method is listed twice")
+        return v
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(
+                f"every alpha must lie in [0, 1] (0: the start model, 1: the fine-tuned one), got {bad}"
+            )
+        return v
+
+
 class Params(_Strict):
     pipeline: PipelineParams = PipelineParams()
     data: DataParams = DataParams()
@@ -239,6 +288,7 @@ class Params(_Strict):
     linear_probe: ProbeParams = ProbeParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    wise_ft: WiseFtParams = WiseFtParams()
 
     # The one translation from validated params to core objects (DVC step, Kubeflow, benchmark).
     def method(self, name: str) -> MethodParams:
@@ -274,6 +324,11 @@ class Params(_Strict):
         raw = self.model_dump(mode="json")
         raw["finetune"]["methods"][name] = entry.model_dump(mode="json")
         return params_from_dict(raw, f"finetune.methods.{name} (learning rates)")
+
+
+def without_tracking(params: Params) -> Params:
+    """``params`` with MLflow tracking off (ranks other than 0 of a data-parallel run)."""
+    return params.model_copy(update={"pipeline": params.pipeline.model_copy(update={"tracking": False})})
 
 
 def _clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -368,9 +423,36 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
 
 def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_format_error(err, source)) from None
+    check_published(params.finetune.methods, source)
+    check_wise_ft(params, source)
+    return params
+
+
+def check_wise_ft(params: Params, source: str = "params") -> None:
+    """Every wise_ft method must be a configured branch: WiSE-FT mixes that branch's fine-tuned model."""
+    missing = [m for m in params.wise_ft.methods if m not in params.finetune.methods]
+    if missing:
+        raise ParamsError(
+            f"invalid parameters in {source}: wise_ft.methods: {missing} not configured under "
+            f"finetune.methods (configured: {sorted(params.finetune.methods)}); add the branch there or "
+            "drop it from wise_ft"
+        )
+
+
+def check_published(methods: dict[str, MethodParams], source: str = "params") -> None:
+    """Each branch is its method as published, or is named as a variant (`variant:`); a run that is not
+    the paper's method must not be reported under the paper's name."""
+    for name, entry in methods.items():
+        head, backbone = resolve_lrs(*_default_lrs(name), entry.lr, entry.head_lr, entry.backbone_lr)
+        reason = get_method(name).published_violation(head, backbone)
+        if reason is not None and entry.variant is None:
+            raise ParamsError(
+                f"invalid parameters in {source}: finetune.methods.{name}: {reason}. Change the learning "
+                f"rates, or run it as a named variant: add `variant: <name>` to finetune.methods.{name}"
+            )
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:

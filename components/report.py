@@ -34,26 +34,50 @@ def collect(metrics_dir: str | Path) -> list[dict[str, Any]]:
     if not files:
         raise StepError(f"no per-method metrics in {metrics_dir}; run the evaluate stages first")
     rows = {r["method"]: r for r in (read_json(p) for p in files)}
-    return [rows[m] for m in display_order(rows)]
+    rank = {m: i for i, m in enumerate(display_order({_base(r) for r in rows.values()}))}
+    return sorted(rows.values(), key=lambda r: (rank[_base(r)], bool(r.get("wise_ft")), r["method"]))
+
+
+def _base(row: dict[str, Any]) -> str:
+    """The catalogue method a row belongs to: a WiSE-FT row (components.wise_ft) sits after its method."""
+    return (row.get("wise_ft") or {}).get("method") or row["method"]
+
+
+def display_name(row: dict[str, Any]) -> str:
+    """The row's name in the table: ``wise_ft[<method>] (α=0.3)`` for a WiSE-FT row, else the method."""
+    wise = row.get("wise_ft") or {}
+    if not wise:
+        return row["method"]
+    alpha = wise.get("alpha")
+    return f"wise_ft[{wise.get('method')}]" + (f" (α={alpha:g})" if isinstance(alpha, int | float) else "")
 
 
 def champion(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Best by ID val only (the ID test set is never used for selection); ties go to the earlier method."""
+    """Best by ID val only (the ID test set is never used for selection); ties go to the earlier method.
+
+    WiSE-FT rows compete too; each follows its method, so a WiSE-FT mix that only ties its fine-tuned model
+    (α = 1 is on its grid) leaves the champion with the method itself.
+    """
     return select_best(rows)
 
 
 def champion_version(
-    params: Params, method: str, tracker: Any, unavailable: Mapping[str, str] | None = None
+    params: Params,
+    method: str,
+    tracker: Any,
+    unavailable: Mapping[str, str] | None = None,
+    alias: str | None = None,
 ) -> tuple[str | None, str | None]:
     """(the registered version `method`'s alias points at, None) or (None, why not: the note to record).
 
     `unavailable`: method -> why its version is unknown (the sweep's selection could not move its alias),
-    so a stale alias from an earlier run is not taken for the selected configuration.
+    so a stale alias from an earlier run is not taken for the selected configuration. `alias`: the row's
+    own alias when it is not a catalogue method's (a WiSE-FT row's ``wise-ft-<method alias>``).
     """
     from components import tracking
     from components.tracking.retries import redact_uri
 
-    name, alias = params.pipeline.registered_model, alias_for(method)
+    name, alias = params.pipeline.registered_model, alias or alias_for(method)
     if unavailable and method in unavailable:
         reason = unavailable[method]
     else:
@@ -72,17 +96,21 @@ def champion_version(
 def markdown_table(rows: list[dict[str, Any]], best: str) -> str:
     ood_names = list(rows[0]["ood"])
     head = ["method", "ID val", "ID test", *[f"OOD {n}" for n in ood_names], "OOD mean", "L2 ID", "L2 OOD"]
+    head.append("ΔW backbone")  # relative L2 of the backbone's weights vs pretrained (head excluded)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         d = r.get("distortion") or {}
         cells = [
-            r["method"] + (" (champion)" if r["method"] == best else ""),
+            display_name(r)
+            + (f" (variant: {r['variant']}, not the published method)" if r.get("variant") else "")
+            + (" (champion)" if r["method"] == best else ""),
             _pct(r["id_val_accuracy"]),
             _pct(r["id_test_accuracy"]),
             *[_pct(r["ood"].get(n)) for n in ood_names],
             _pct(r.get("ood_mean_accuracy")),
             _num(d.get("id_test_l2")),
             _num(d.get("ood_l2")),
+            _sig((r.get("parameter_distance_total") or {}).get("relative")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -94,6 +122,10 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
+
+
+def _sig(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
@@ -168,6 +200,7 @@ def run(
                     "id_test_accuracy": r["id_test_accuracy"],
                     "ood_mean_accuracy": r.get("ood_mean_accuracy"),
                     **{f"ood_{k}": v for k, v in r["ood"].items()},
+                    **({"wise_ft_alpha": r["wise_ft"].get("alpha")} if r.get("wise_ft") else {}),
                 }
                 for r in rows
             },
@@ -182,7 +215,8 @@ def run(
         ]
         version = None
         if params.pipeline.tracking:
-            version, note = champion_version(params, best["method"], tracker, unavailable)
+            alias = (best.get("wise_ft") or {}).get("alias")
+            version, note = champion_version(params, best["method"], tracker, unavailable, alias=alias)
             summary["champion_version"] = version
             if note is not None:
                 summary["champion_note"] = note

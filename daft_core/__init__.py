@@ -40,7 +40,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "NonFiniteLossError",
         "finetune",
     ),
-    "daft_core.methods": ("METHODS", "RECIPES", "Method", "get_method", "get_recipe"),
+    "daft_core.methods": ("METHODS", "MIN_HEAD_RATIO", "RECIPES", "Method", "get_method", "get_recipe"),
     "daft_core.models": (
         "MODEL_REGISTRY",
         "CheckpointError",
@@ -50,9 +50,17 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "load_state_dict_file",
         "save_model",
     ),
-    "daft_core.probe": ("LOGSPACE_CS", "ProbeResult", "ProbeSolver", "extract_features", "fit_linear_probe"),
+    "daft_core.probe": (
+        "LOGSPACE_CS",
+        "NORMALIZE_MODES",
+        "ProbeResult",
+        "ProbeSolver",
+        "extract_features",
+        "fit_linear_probe",
+    ),
     "daft_core.recipes": ("Recipe",),
     "daft_core.selection": ("select_best",),
+    "daft_core.wise_ft": ("DEFAULT_ALPHAS", "WiseResult", "interpolate", "select_alpha", "start_model"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -82,3 +90,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from daft_core.methods import METHODS, RECIPES, get_recipe  # noqa: F401
     from daft_core.models import DaftModel, build_model, load_model, save_model  # noqa: F401
     from daft_core.training import FinetuneConfig, finetune  # noqa: F401
+    from daft_core.wise_ft import interpolate, select_alpha  # noqa: F401

@@ -69,44 +69,115 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
 
 
-class _Accumulator:
-    """Per-channel input statistics of one layer, in float64 so that long passes do not lose precision."""
+_HALF = (torch.float16, torch.bfloat16)
 
-    def __init__(self) -> None:
-        self.n = None  # elements per channel seen (population)
-        self.mean = None
-        self.m2 = None  # sum of squared deviations from `mean` (Chan et al. merge)
-        self.w = None  # samples seen (batch-size weights, batch_mean)
-        self.w_mean = None  # sum over batches of batch_size * batch mean
-        self.w_var = None  # sum over batches of batch_size * biased batch variance
+
+def _column_view(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``x`` (N, C, *S) as an (N, C*S) or (N, S*C) matrix *view* (no copy): (matrix, channels_last).
+
+    Works for contiguous and channels-last layouts; None for any other stride pattern.
+    """
+    n = x.shape[0]
+    if x.is_contiguous():
+        return x.view(n, -1), False
+    order = (0, *range(2, x.dim()), 1)
+    xp = x.permute(order)
+    if xp.is_contiguous():
+        return xp.reshape(n, -1), True  # a view: xp is contiguous
+    return None
+
+
+def _bn_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per dim-1 channel from BN's own vectorised CPU statistics kernel.
+
+    A two-pass reduction in the input's dtype that reads ``x`` in place, unlike ``torch.var_mean``,
+    which on CPU is a scalar Welford loop (~20x slower, slower than a float64 copy).
+    """
+    return torch.batch_norm_update_stats(x, None, None, 1.0)
+
+
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel biased variance and mean of one BN input (N, C, *S), as (C,) tensors.
+
+    No float64 copy of the activation: it is reduced in its own dtype (float32 for half dtypes) and
+    memory layout. On CPU each column of the (N, C*S) / (N, S*C) matrix view gets its mean and variance
+    over only N values (precise even with naive float32 sums), then the S columns of each channel are
+    pooled exactly in float64: mean of means, mean of variances + variance of means. Elsewhere
+    ``torch.var_mean`` (fast on CUDA) reduces over (0, 2, ...) directly.
+    """
+    x = x.detach()
+    if x.dtype in _HALF:
+        x = x.float()
+    c = x.shape[1]
+    cols = _column_view(x) if x.device.type == "cpu" else None
+    if cols is None:
+        var, mean = torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0)
+        return var, mean
+    flat, channels_last = cols
+    mean, var = _bn_moments(flat)
+    spatial = mean.numel() // c
+    if spatial == 1:
+        return var, mean
+    mean, var = mean.to(torch.float64), var.to(torch.float64)
+    if channels_last:  # columns ordered (s, c): rows of an (S, C) matrix
+        mu, spread = _bn_moments(mean.view(spatial, c))
+        within = var.view(spatial, c).mean(0)
+    else:  # (c, s): one (1, C, S) "batch" with S values per channel
+        mu, spread = _bn_moments(mean.view(1, c, spatial))
+        within = var.view(c, spatial).mean(1)
+    return within.add_(spread), mu
+
+
+class _Accumulator:
+    """Per-channel statistics of one layer, accumulated in float64 so that long passes keep precision.
+
+    Only what ``stats`` needs: batch-size-weighted sums of batch means/variances ("batch_mean"), or the
+    Chan et al. running (count, mean, M2) merge of per-batch (n, mean, n * var) ("population").
+    """
+
+    def __init__(self, stats: str, device: torch.device) -> None:
+        self.stats = stats
+        self.device = device  # float64 lives here (never on mps)
+        self.w = 0.0  # samples seen (batch_mean weights)
+        self.n = 0.0  # elements per channel seen (population)
+        self.a: torch.Tensor | None = None  # sum of w_b * mean_b, or running mean
+        self.b: torch.Tensor | None = None  # sum of w_b * var_b, or running M2
 
     def update(self, x: torch.Tensor) -> None:
-        c = x.shape[1]
-        if x.device.type == "mps":  # no float64 there
-            x = x.cpu()
-        flat = x.detach().to(torch.float64).transpose(0, 1).reshape(c, -1)
-        var_b, mean_b = torch.var_mean(flat, dim=1, correction=0)
-        n_b = torch.tensor(float(flat.shape[1]), dtype=torch.float64, device=flat.device)
-        w_b = float(x.shape[0])
-        if self.n is None:
-            self.n, self.mean, self.m2 = n_b, mean_b, var_b * n_b
-            self.w, self.w_mean, self.w_var = n_b.new_tensor(w_b), w_b * mean_b, w_b * var_b
+        if x.numel() == 0:
             return
+        var_b, mean_b = _batch_moments(x)
+        if var_b.device != self.device:
+            var_b, mean_b = var_b.to(self.device), mean_b.to(self.device)
+        if self.a is None:
+            z = torch.zeros(mean_b.shape, dtype=torch.float64, device=self.device)
+            self.a, self.b = z, z.clone()
+        # In-place adds promote the (float32) batch moments into the float64 sums without extra copies.
+        if self.stats == "batch_mean":
+            w_b = float(x.shape[0])
+            self.a.add_(mean_b, alpha=w_b)
+            self.b.add_(var_b, alpha=w_b)
+            self.w += w_b
+            return
+        n_b = float(x.numel() // x.shape[1])
         n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + var_b * n_b + delta.square() * (self.n * n_b / n)
+        delta = mean_b - self.a  # float64
+        self.a.add_(delta, alpha=n_b / n)
+        self.b.add_(var_b, alpha=n_b).add_(delta.square_(), alpha=self.n * n_b / n)
         self.n = n
-        self.w = self.w + w_b
-        self.w_mean = self.w_mean + w_b * mean_b
-        self.w_var = self.w_var + w_b * var_b
 
-    def ensure(self, num_features: int, device: torch.device) -> None:
-        """Zero state for a layer this rank never reached, so every rank all-reduces the same shapes."""
-        if self.n is None:
-            z = torch.zeros(num_features, dtype=torch.float64, device=device)
-            self.n, self.mean, self.m2 = z.new_zeros(()), z, z.clone()
-            self.w, self.w_mean, self.w_var = z.new_zeros(()), z.clone(), z.clone()
+    def state(self, num_features: int) -> list[torch.Tensor]:
+        """[count, a, b] for the all-reduce; zeros for a layer this rank never reached (same shapes)."""
+        if self.a is None:
+            z = torch.zeros(num_features, dtype=torch.float64, device=self.device)
+            return [z.new_zeros(()), z, z.clone()]
+        count = self.w if self.stats == "batch_mean" else self.n
+        return [torch.tensor(count, dtype=torch.float64, device=self.device), self.a, self.b]
+
+
+def _accumulator_device(device: torch.device) -> torch.device:
+    """Where the float64 sums live: the model's device, except mps (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _distributed() -> bool:
@@ -128,7 +199,7 @@ def _first_element(batch: Any) -> Any:
 
 
 def _summary(t: torch.Tensor | None) -> float | None:
-    return None if t is None else float(t.double().mean())
+    return None if t is None else float(t.detach().cpu().double().mean())
 
 
 def convert_batchnorm(
@@ -161,8 +232,9 @@ def convert_batchnorm(
         )
 
     device = module_device(model)
+    acc_device = _accumulator_device(device)
     tracked = [(name, m) for name, m in layers if m.track_running_stats and m.running_mean is not None]
-    accs = {name: _Accumulator() for name, _ in tracked}
+    accs = {name: _Accumulator(stats, acc_device) for name, _ in tracked}
 
     def make_hook(acc: _Accumulator) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -188,7 +260,9 @@ def convert_batchnorm(
         for m, mode in modes.items():
             m.training = mode
 
-    new_stats, num_batches, num_samples = _finalise(tracked, accs, stats, device, num_batches, num_samples)
+    new_stats, num_batches, num_samples = _finalise(
+        tracked, accs, stats, acc_device, num_batches, num_samples
+    )
     if num_batches == 0:
         raise BNConversionError("`batches` is empty: at least one batch is needed to measure statistics")
 
@@ -210,11 +284,11 @@ def convert_batchnorm(
             rep.skipped = SKIP_NOT_AFFINE
             _check_finite(name, mu_new=mu_new, var_new=var_new)
             continue
-        mu_old, var_old = m.running_mean.double(), m.running_var.double()
+        mu_old, var_old = (t.detach().to(acc_device, torch.float64) for t in (m.running_mean, m.running_var))
         std_old, std_new = (var_old + m.eps).sqrt(), (var_new + m.eps).sqrt()
         scale = std_new / std_old
         if m.affine:
-            w_old, b_old = m.weight.detach().double(), m.bias.detach().double()
+            w_old, b_old = (t.detach().to(acc_device, torch.float64) for t in (m.weight, m.bias))
         else:
             w_old, b_old = torch.ones_like(mu_old), torch.zeros_like(mu_old)
             rep.made_affine = True
@@ -230,16 +304,15 @@ def convert_batchnorm(
 
     with torch.no_grad():
         for m, mu_new, var_new, weight, bias in plan:
-            dtype = m.running_mean.dtype
             if not m.affine:
                 m.weight = nn.Parameter(weight.to(m.running_mean))
                 m.bias = nn.Parameter(bias.to(m.running_mean))
                 m.affine = True
             else:
-                m.weight.copy_(weight.to(dtype=m.weight.dtype))
-                m.bias.copy_(bias.to(dtype=m.bias.dtype))
-            m.running_mean.copy_(mu_new.to(dtype=dtype))
-            m.running_var.copy_(var_new.to(dtype=dtype))
+                m.weight.copy_(weight.to(m.weight))
+                m.bias.copy_(bias.to(m.bias))
+            m.running_mean.copy_(mu_new.to(m.running_mean))
+            m.running_var.copy_(var_new.to(m.running_var))
 
     return BNConversionReport(stats=stats, num_batches=num_batches, num_samples=num_samples, layers=reports)
 
@@ -253,22 +326,20 @@ def _finalise(
     num_samples: int,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor] | None], int, int]:
     """Combine (and all-reduce) the sums: {name: (mean, var), or None if never reached}, batches, samples."""
-    for name, m in tracked:
-        accs[name].ensure(m.num_features, m.running_mean.device)
-    a = [accs[name] for name, _ in tracked]
+    states = [accs[name].state(m.num_features) for name, m in tracked]
     counts = torch.tensor([num_batches, num_samples], dtype=torch.float64, device=device)
     if stats == "batch_mean":
-        sums = _sum_across_ranks([counts] + [t for x in a for t in (x.w, x.w_mean, x.w_var)], device)
+        sums = _sum_across_ranks([counts] + [t for st in states for t in st], device)
         out = {
             name: (wm / w, wv / w) if w > 0 else None
             for (name, _), w, wm, wv in zip(tracked, sums[1::3], sums[2::3], sums[3::3], strict=True)
         }
     else:
-        sums = _sum_across_ranks([counts] + [t for x in a for t in (x.n, x.n * x.mean)], device)
+        sums = _sum_across_ranks([counts] + [t for n, mean, _ in states for t in (n, n * mean)], device)
         ns, means = sums[1::2], [s / n if n > 0 else s for n, s in zip(sums[1::2], sums[2::2], strict=True)]
         # Second pass: deviations around the global mean keep the pooled variance numerically stable.
         m2s = _sum_across_ranks(
-            [x.m2 + x.n * (x.mean - mu).square() for x, mu in zip(a, means, strict=True)], device
+            [m2 + n * (mean - mu).square() for (n, mean, m2), mu in zip(states, means, strict=True)], device
         )
         out = {
             name: (mu, m2 / n) if n > 0 else None

@@ -78,19 +78,37 @@ def _rel(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
+def _head_names(model: nn.Module) -> set[str]:
+    """Parameter names of the model's replaceable ``head`` (none when it has no head module)."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        return set()
+    return {f"head.{n}" for n, _ in head.named_parameters()}
+
+
+def _summary(sq: float, ref_sq: float, n: int) -> dict[str, Any]:
+    return {"l2": math.sqrt(sq), "relative": _rel(math.sqrt(sq), math.sqrt(ref_sq)), "num_params": n}
+
+
 @torch.no_grad()
 def parameter_distance(model: nn.Module, reference: nn.Module) -> dict[str, Any]:
-    """L2 and relative L2 distance (||p - p_ref|| / ||p_ref||) per parameter tensor, per module, in total.
+    """L2 and relative L2 distance (||p - p_ref|| / ||p_ref||) per parameter tensor, per module, and for
+    the backbone and the head separately.
 
-    Only parameters with the same name and shape are compared (a replaced head with a different number
-    of classes is listed under ``skipped``).
+    ``total`` covers the backbone only (every parameter outside ``model.head``): the question is how far
+    fine-tuning moved the *pretrained features*, and a head trained from scratch (a probe's, or FT's random
+    one) would otherwise dominate it (an untouched backbone with a fitted head is not "distorted").
+    ``head`` is the head's distance (None when no head parameter is comparable). Only parameters with the
+    same name and shape are compared: a replaced head with another class count is listed under ``skipped``.
     """
     ref = dict(reference.named_parameters())
+    own = dict(model.named_parameters())
+    head_names = _head_names(model)
     per_tensor: dict[str, dict[str, Any]] = {}
     per_module: dict[str, dict[str, Any]] = {}
     skipped: list[str] = []
-    tot_sq = tot_ref_sq = 0.0
-    for name, p in model.named_parameters():
+    groups = {"backbone": [0.0, 0.0, 0], "head": [0.0, 0.0, 0]}  # [diff_sq, ref_sq, num_params]
+    for name, p in own.items():
         q = ref.get(name)
         if q is None or q.shape != p.shape:
             skipped.append(name)
@@ -103,19 +121,16 @@ def parameter_distance(model: nn.Module, reference: nn.Module) -> dict[str, Any]
         m["_sq"] += diff_sq
         m["_ref_sq"] += ref_sq
         m["num_params"] += p.numel()
-        tot_sq += diff_sq
-        tot_ref_sq += ref_sq
-    skipped += [n for n in ref if n not in dict(model.named_parameters())]
-    modules = {
-        k: {
-            "l2": math.sqrt(v["_sq"]),
-            "relative": _rel(math.sqrt(v["_sq"]), math.sqrt(v["_ref_sq"])),
-            "num_params": v["num_params"],
-        }
-        for k, v in per_module.items()
-    }
+        g = groups["head" if name in head_names else "backbone"]
+        g[0] += diff_sq
+        g[1] += ref_sq
+        g[2] += p.numel()
+    skipped += [n for n in ref if n not in own]
+    modules = {k: _summary(v["_sq"], v["_ref_sq"], v["num_params"]) for k, v in per_module.items()}
+    head = groups["head"]
     return {
-        "total": {"l2": math.sqrt(tot_sq), "relative": _rel(math.sqrt(tot_sq), math.sqrt(tot_ref_sq))},
+        "total": _summary(*groups["backbone"]),
+        "head": _summary(*head) if head[2] else None,
         "per_module": modules,
         "per_tensor": per_tensor,
         "skipped": sorted(set(skipped)),

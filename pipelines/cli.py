@@ -163,7 +163,15 @@ def build_options(args: argparse.Namespace, *, local: bool = False):  # -> Pipel
         "gpu": args.gpu and gpu.get("enabled", True),
         "local": local,
     }
-    settings = ("node_selector", "tolerations", "image_pull_secrets", "timeouts", "scratch", "resume_uri")
+    settings = (
+        "node_selector",
+        "tolerations",
+        "image_pull_secrets",
+        "timeouts",
+        "scratch",
+        "resume_uri",
+        "finetune",  # the launcher option: a TrainJob per fine-tune (pipelines/trainjob.py)
+    )
     for section in settings:
         if platform.get(section):
             kw[section] = platform[section]

@@ -67,6 +67,7 @@ def resolve_params(
         ("convert_bn", str),
         ("linear_probe", str),
         ("finetune", str),
+        ("wise_ft", str),
         ("evaluate", str),
         ("report", str),
     ],
@@ -218,6 +219,83 @@ def finetune(
     return json.dumps(info, sort_keys=True)
 
 
+def finetune_trainjob(
+    tracking_uri: str,
+    method: str,
+    dataset: Input[Dataset],
+    start: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    trainjob_json: str,
+    params_json: str = "",
+    params_file: Optional[Input[Artifact]] = None,  # noqa: UP045
+    learning_rates: Optional[dict] = None,  # noqa: UP045
+    lr: Optional[float] = None,  # noqa: UP045
+    head_lr: Optional[float] = None,  # noqa: UP045
+    backbone_lr: Optional[float] = None,  # noqa: UP045
+) -> str:
+    """finetune's contract (inputs, `model`, `metrics`, the JSON it returns), the training run as a
+    distributed Kubeflow Trainer TrainJob (`trainjob_json`: pipelines.trainjob.TrainJobConfig) that this
+    task launches, waits for, and whose model it downloads into `model`."""
+    import json
+
+    from pipelines.components import annotate_model, log_metrics, method_lrs, record_run, step_setup
+    from pipelines.trainjob import TrainJobConfig, run_launcher
+
+    params = step_setup("finetune", params_json, tracking_uri, params_file)
+    lrs = method_lrs(method, learning_rates, lr=lr, head_lr=head_lr, backbone_lr=backbone_lr)
+    params = params.with_method_lrs(method, **lrs)
+    config = TrainJobConfig.from_json(trainjob_json)
+    summary = run_launcher(config, params, method, dataset.path, start.path, model.path, tracking_uri)
+    version = summary.get("registered_version") or ""
+    info = {
+        "method": method,
+        "head_lr": summary["head_lr"],
+        "backbone_lr": summary["backbone_lr"],
+        "version": version,
+        "best_val_accuracy": summary.get("best_val_accuracy"),
+    }
+    extra = {**info, "trainjob": summary["trainjob"], "nodes": config.nodes, "gpus": config.gpus_per_node}
+    annotate_model(model, params, "finetune", method=method, version=version, extra=extra)
+    record_run(model, summary, version=version)
+    keys = ("best_epoch", "best_val_accuracy", "epochs")
+    log_metrics(metrics, {k: summary[k] for k in keys if k in summary})
+    return json.dumps(info, sort_keys=True)
+
+
+def wise_ft(
+    params_json: str,
+    tracking_uri: str,
+    method: str,
+    dataset: Input[Dataset],
+    finetuned: Input[Model],
+    start: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+) -> str:
+    """components.wise_ft for one method: its fine-tuned model mixed with the model its branch started
+    from, α chosen on ID val. Returns a JSON string (the WiSE-FT row's name, α, registered version) that
+    the evaluate step carries to the report, as finetune's does."""
+    import json
+
+    from components import wise_ft as step
+    from pipelines.components import annotate_model, log_metrics, record_run, step_setup
+
+    params = step_setup("wise_ft", params_json, tracking_uri)
+    summary = step.run(params, method, finetuned.path, start.path, dataset.path, model.path)
+    version = summary.get("registered_version") or ""
+    info = {
+        "method": summary["wise_method"],
+        "alpha": summary["alpha"],
+        "version": version,
+        "best_val_accuracy": summary["val_accuracy"],
+    }
+    annotate_model(model, params, "wise_ft", method=summary["wise_method"], version=version, extra=info)
+    record_run(model, summary, version=version)
+    log_metrics(metrics, {"alpha": summary["alpha"], "val_accuracy": summary["val_accuracy"]})
+    return json.dumps(info, sort_keys=True)
+
+
 def evaluate(
     tracking_uri: str,
     method: str,
@@ -265,6 +343,11 @@ def report(
     daft: Optional[Input[Artifact]] = None,  # noqa: UP045
     daft_bn_only: Optional[Input[Artifact]] = None,  # noqa: UP045
     daft_fast_head_only: Optional[Input[Artifact]] = None,  # noqa: UP045
+    wise_ft_ft: Optional[Input[Artifact]] = None,  # noqa: UP045
+    wise_ft_lp_ft: Optional[Input[Artifact]] = None,  # noqa: UP045
+    wise_ft_daft: Optional[Input[Artifact]] = None,  # noqa: UP045
+    wise_ft_daft_bn_only: Optional[Input[Artifact]] = None,  # noqa: UP045
+    wise_ft_daft_fast_head_only: Optional[Input[Artifact]] = None,  # noqa: UP045
 ):
     """components.report over every method's evaluation; it sets the `champion` alias.
 
@@ -277,6 +360,9 @@ def report(
     params = step_setup("report", params_json, tracking_uri)
     given = {"lp": lp, "ft": ft, "lp_ft": lp_ft, "daft": daft}  # one input per catalogue method:
     given.update({"daft_bn_only": daft_bn_only, "daft_fast_head_only": daft_fast_head_only})  # KFP needs
+    given.update({"wise_ft_ft": wise_ft_ft, "wise_ft_lp_ft": wise_ft_lp_ft, "wise_ft_daft": wise_ft_daft})
+    given.update({"wise_ft_daft_bn_only": wise_ft_daft_bn_only})  # WiSE-FT rows: one per fine-tuned method
+    given.update({"wise_ft_daft_fast_head_only": wise_ft_daft_fast_head_only})
     groups = {m: [a.path] for m, a in given.items() if a is not None}  # them named (tests check the list)
     finish_report(params, groups, report, metrics, report_md, confusion_matrix)
 
@@ -319,6 +405,8 @@ COMPONENT_FUNCTIONS = (
     convert_bn,
     linear_probe,
     finetune,
+    finetune_trainjob,
+    wise_ft,
     evaluate,
     report,
     select_best,
@@ -356,6 +444,8 @@ STEP_PARAMS: dict[str, tuple[str, ...]] = {
     "convert_bn": ("convert_bn", "model", "data", "finetune.device"),
     "linear_probe": ("linear_probe", "model", "data"),
     "finetune": ("finetune", "evaluate.batch_size", "model", "data"),
+    # WiSE-FT scores each α on ID val with evaluate's settings; finetune.methods: each branch's start
+    "wise_ft": ("wise_ft", "finetune.methods", "evaluate", "model", "data"),
     "evaluate": ("evaluate",),
     "report": (),  # also select_best
 }

@@ -65,9 +65,12 @@ DEFAULT_RESOURCES: dict[str, dict[str, str]] = {
     "linear_probe": {"cpu": "2", "memory": "4Gi", "cpu_limit": "4", "memory_limit": "8Gi"},
     "finetune": {"cpu": "4", "memory": "8Gi", "cpu_limit": "8", "memory_limit": "16Gi"},
     "evaluate": {"cpu": "2", "memory": "4Gi", "cpu_limit": "4", "memory_limit": "8Gi"},
+    "wise_ft": {"cpu": "2", "memory": "4Gi", "cpu_limit": "4", "memory_limit": "8Gi"},  # ID val per α
     "report": {"cpu": "500m", "memory": "1Gi", "cpu_limit": "1", "memory_limit": "2Gi"},
     "select_best": {"cpu": "500m", "memory": "1Gi", "cpu_limit": "1", "memory_limit": "2Gi"},
 }
+# The finetune task when it launches a TrainJob (finetune.launcher: trainjob): it only stages and waits.
+LAUNCHER_RESOURCES = {"cpu": "500m", "memory": "1Gi", "cpu_limit": "1", "memory_limit": "2Gi"}
 # Fine-tuning and feature extraction (the probe's features) get a GPU.
 DEFAULT_GPU_STEPS = ("finetune", "linear_probe")
 DEFAULT_GPU_TYPE = "nvidia.com/gpu"
@@ -169,6 +172,8 @@ class PipelineOptions:
     timeouts: Mapping[str, int] = field(default_factory=dict)  # step or "default" -> seconds (pod deadline)
     # step -> {size, mount_path, storage_class}: a scratch volume (DAFT_WORKSPACE, TMPDIR point at it)
     scratch: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # The platform file's `finetune` section: launcher pod (default) | trainjob (pipelines/trainjob.py)
+    finetune: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.data_pvc is not None:
@@ -188,6 +193,28 @@ class PipelineOptions:
                 raise ValueError(f"{kind}: unknown step(s) {unknown}; steps: {list(STEPS)} (or default)")
         if self.wants_gpu and not self.local:
             self._check_cuda_image()
+        job = self.trainjob()
+        cpu_job = job is not None and job.gpus_per_node > 0 and image_has_cuda(str(job.image)) is False
+        if cpu_job and (job.image != self.image or self.image_has_cuda is not True):
+            raise ValueError(
+                f"finetune.launcher is trainjob with {job.gpus_per_node} GPU(s) per node but its image "
+                f"{job.image} has CPU-only torch (its tag says cpu); set finetune.image to the CUDA build"
+            )
+
+    def trainjob(self):  # -> pipelines.trainjob.TrainJobConfig | None
+        """The TrainJob launcher's settings (image and secrets filled in from these options) when the
+        `finetune` section selects it on a cluster; None for the in-pod finetune (and for kfp.local, which
+        cannot create cluster objects: run-local fine-tunes in its subprocess)."""
+        from dataclasses import replace
+
+        from pipelines.trainjob import TrainJobConfig
+
+        config = TrainJobConfig(**dict(self.finetune))  # ValueError naming the key
+        if not config.enabled or self.local:
+            return None
+        secrets = {name: dict(keys) for name, keys in self.secrets.items()}
+        image = config.image or self.image
+        return replace(config, image=image, secrets=secrets, secrets_optional=self.secrets_optional)
 
     @property
     def wants_gpu(self) -> bool:
@@ -355,15 +382,26 @@ def sweep_points(params: "Params", method: str, grid: Mapping[str, Any]) -> list
             spec = [recipe.head_lr]
         else:
             spec = {"head_lr": [recipe.head_lr], "backbone_lr": [recipe.backbone_lr]}
-    return grid_points(method, spec)
+    entry = params.finetune.methods.get(method)
+    return grid_points(method, spec, variant=entry.variant if entry is not None else None)
 
 
-def grid_points(method: str, spec: Any) -> list[Any]:
-    """`method`'s sweep points from a grid as written (ValueError naming the method when malformed)."""
+def grid_points(method: str, spec: Any, variant: str | None = None, published: bool = True) -> list[Any]:
+    """`method`'s sweep points from a grid as written (ValueError naming the method when malformed, or,
+    with `published`, when a point cannot be the published method and the branch is not a variant)."""
     try:
-        return _grid_points(method, spec)
+        points = _grid_points(method, spec)
     except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"sweep for {method!r}: malformed grid {spec!r} ({type(e).__name__}: {e})") from None
+    for p in points:
+        head, backbone = (p, p) if not isinstance(p, Mapping) else (p["head_lr"], p["backbone_lr"])
+        reason = METHODS[method].published_violation(head, backbone)
+        if published and reason is not None and variant is None:
+            raise ValueError(
+                f"sweep for {method!r}: {reason}. Drop that point, or name the branch as a variant "
+                f"(finetune.methods.{method}.variant in params)"
+            )
+    return points
 
 
 def _grid_points(method: str, spec: Any) -> list[Any]:
@@ -404,6 +442,11 @@ def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # 
         )
     if not params.finetune.methods:
         raise ValueError("finetune.methods is empty: the pipeline needs at least one fine-tuning method")
+    if opts.sweep and params.wise_ft.methods:  # which configuration to mix is known only in select_best
+        raise ValueError(
+            "wise_ft.methods is not supported by the sweep pipeline; compile without --sweep, or set "
+            "wise_ft.methods: [] in params"
+        )
     dag = _Dag(params, opts)
     p = params.pipeline
     lr_defaults = default_learning_rates(params)
@@ -431,6 +474,8 @@ def build_pipeline(params: "Params", opts: "PipelineOptions | None" = None):  # 
             method: dag.branch(stages, method, {"learning_rates": learning_rates}).outputs["evaluation"]
             for method in params.finetune.methods
         }
+        for method in params.wise_ft.methods:  # optional WiSE-FT rows: `wise_ft_<method>`
+            evaluations[f"wise_ft_{method}"] = dag.wise(stages, method)
         return dag.final(stages, "report", evaluations)
 
     if not opts.sweep:
@@ -485,6 +530,27 @@ class _Dag:
     def __init__(self, params: "Params", opts: PipelineOptions) -> None:
         self.params, self.opts = params, opts
         self.c = make_components(opts.image)
+        self.trainjob = opts.trainjob()
+
+    def launcher_task(self, method: str, inputs: Mapping[str, Any]) -> dsl.PipelineTask:
+        """finetune as a TrainJob launcher: finetune's inputs, retries, timeout, secrets and resume store,
+        but a small pod without a GPU (the job's nodes have them) that knows its namespace."""
+        from dataclasses import replace
+
+        from pipelines.trainjob import NAMESPACE_ENV
+
+        assert self.trainjob is not None
+        task = self.c.finetune_trainjob(**inputs, trainjob_json=self.trainjob.to_json())
+        task.set_display_name(f"finetune-{method}")
+        opts = replace(
+            self.opts,
+            gpu_steps=tuple(s for s in self.opts.gpu_steps if s != "finetune"),
+            resources={**self.opts.resources, "finetune": dict(LAUNCHER_RESOURCES)},
+        )
+        configure_task(task, "finetune", opts)
+        if not opts.local:
+            kubernetes.use_field_path_as_env(task, env_name=NAMESPACE_ENV, field_path="metadata.namespace")
+        return task
 
     def task(self, step: str, factory: Callable[..., dsl.PipelineTask], name: str | None = None, **kw: Any):
         task = factory(**kw)
@@ -554,17 +620,12 @@ class _Dag:
             return {"params_json": s["resolved"].outputs[step]}
 
         start = s["starts"][self.params.method(method).start]
-        ft = self.task(
-            "finetune",
-            self.c.finetune,
-            name=f"finetune-{method}",
-            **s["run"],
-            **src("finetune"),
-            method=method,
-            dataset=s["dataset"],
-            start=start,
-            **lrs,
-        )
+        inputs = {**s["run"], **src("finetune"), "method": method, "dataset": s["dataset"], "start": start}
+        if self.trainjob is None:
+            ft = self.task("finetune", self.c.finetune, name=f"finetune-{method}", **inputs, **lrs)
+        else:
+            ft = self.launcher_task(method, {**inputs, **lrs})
+        s.setdefault("finetuned", {})[method] = ft.outputs["model"]  # what wise() mixes with its start
         return self.task(
             "evaluate",
             self.c.evaluate,
@@ -577,6 +638,30 @@ class _Dag:
             reference=s["pretrained"],
             finetune_info=ft.outputs["Output"],
         )
+
+    def wise(self, s: dict[str, Any], method: str):
+        """wise_ft[method] -> evaluate[wise_ft_<method>]: the branch's fine-tuned model mixed with its start
+        (after :meth:`branch` for `method`); the evaluation artifact."""
+        name = f"wise_ft_{method}"  # components.wise_ft.wise_method
+        start = s["starts"][self.params.method(method).start]
+        mix = self.task(
+            "wise_ft",
+            self.c.wise_ft,
+            name=f"wise_ft-{method}",
+            **s["inputs"]("wise_ft", method=method, dataset=s["dataset"], start=start),
+            finetuned=s["finetuned"][method],
+        )
+        return self.task(
+            "evaluate",
+            self.c.evaluate,
+            name=f"evaluate-{name}",
+            **s["inputs"]("evaluate"),
+            method=name,
+            dataset=s["dataset"],
+            model=mix.outputs["model"],
+            reference=s["pretrained"],
+            finetune_info=mix.outputs["Output"],
+        ).outputs["evaluation"]
 
     def final(self, s: dict[str, Any], step: str, evaluations: Mapping[str, Any]):
         # report and select_best read the same sections (STEP_PARAMS["report"]: only `pipeline`)

@@ -163,6 +163,32 @@ class Scratch(_Strict):
         return v
 
 
+class Finetune(_Strict):
+    """How finetune runs: in the task's pod (``pod``) or as a distributed Kubeflow Trainer v2 TrainJob of
+    `nodes` x `gpus_per_node` (``trainjob``, pipelines/trainjob.py; docs/kubeflow.md)."""
+
+    launcher: Literal["pod", "trainjob"] = "pod"
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=0)
+    runtime: str = Field("torch-distributed", min_length=1)  # a ClusterTrainingRuntime
+    runtime_kind: Literal["ClusterTrainingRuntime", "TrainingRuntime"] = "ClusterTrainingRuntime"
+    image: str | None = Field(None, min_length=1)  # default: the pipeline's image
+    resources: Resources | None = None  # per node (the GPUs come from gpus_per_node)
+    gpu_resource: str = Field("nvidia.com/gpu", min_length=1)
+    results_uri: str | None = Field(None, pattern=r"^s3://[^/\s]+(/\S*)?$")  # required for trainjob
+    namespace: str | None = Field(None, min_length=1)  # default: the launcher pod's
+    timeout: Seconds | None = None  # the launcher's wait (default 24h)
+    poll_interval: Seconds | None = None  # default 30s
+    env: dict[str, str] = Field(default_factory=dict)  # e.g. NCCL_DEBUG: INFO
+
+    @model_validator(mode="after")
+    def _check(self) -> Finetune:
+        from pipelines.trainjob import TrainJobConfig
+
+        TrainJobConfig(**self.model_dump(exclude_none=True))  # ValueError naming the key
+        return self
+
+
 class Platform(_Strict):
     resources: dict[StepOrDefault, Resources] | None = None
     gpu: Gpu | None = None
@@ -179,6 +205,7 @@ class Platform(_Strict):
     data: Data | None = None
     # s3://bucket/prefix: finetune's resumable checkpoint across retries (DAFT_RESUME_URI on its tasks)
     resume_uri: str | None = Field(None, pattern=r"^s3://[^/\s]+(/\S*)?$")
+    finetune: Finetune | None = None  # launcher: pod (default) | trainjob (distributed, Kubeflow Trainer)
 
     @field_validator("sweep")
     @classmethod
@@ -186,7 +213,8 @@ class Platform(_Strict):
         for method, spec in (v or {}).items():
             if method not in FINETUNED_METHODS:
                 raise ValueError(f"unknown method {method!r}; swept methods: {list(FINETUNED_METHODS)}")
-            grid_points(method, spec)  # ValueError naming the method when its grid is malformed
+            # malformed grids only: whether a point is the published method depends on params' variant
+            grid_points(method, spec, published=False)
         return v
 
 

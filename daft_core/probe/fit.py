@@ -1,7 +1,14 @@
 """The C sweep: solve the regularisation path in increasing C and keep the best ID-val head.
 
-The head is returned with the train standardisation folded in (``W' = W / std``, ``b' = b - W' @ mean``),
-so it applies to raw features and drops straight into ``DaftModel.head``.
+The head is returned with the train normalisation folded in (``W' = W / std``, ``b' = b - W' @ mean``;
+for the paper's scalar mode ``b' = b - W @ (mean / std * 1)``), so it applies to raw features and drops
+straight into ``DaftModel.head``.
+
+Selection is reproducible across processes and thread counts: the solve runs in float64 by default (in
+float32, BLAS reductions whose order depends on the thread count move the warm-started path enough to
+flip single val predictions, and on a flat val-accuracy plateau that moved the chosen C from 0.18 to 12
+between a 1- and a 2-thread run on the digits preset), val accuracy is compared as an integer count of
+correct samples, and ties keep the first, i.e. smallest, C (the official code's strict ``>``).
 """
 
 from __future__ import annotations
@@ -19,9 +26,16 @@ from torch import nn
 from daft_core.devices import resolve_device
 from daft_core.probe.features import maybe_tqdm
 from daft_core.probe.lbfgs import LBFGS, KronPreconditioner, Objective, ftol_for
-from daft_core.probe.prepare import StandardisedProblem, sorted_cs, standardise, validate_inputs
+from daft_core.probe.prepare import (
+    NormalisedProblem,
+    Normalize,
+    check_normalize,
+    normalise,
+    sorted_cs,
+    validate_inputs,
+)
 
-__all__ = ["LOGSPACE_CS", "ProbeResult", "ProbeSolver", "fit_linear_probe"]
+__all__ = ["LOGSPACE_CS", "ProbeResult", "ProbeSolver", "fit_linear_probe", "fold_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +43,9 @@ logger = logging.getLogger(__name__)
 LOGSPACE_CS: np.ndarray = np.logspace(-7, 2, 50)
 
 ArrayLike = torch.Tensor | np.ndarray
+
+
+_INT_KEYS = ("iterations", "evaluations", "val_correct")
 
 
 @dataclass
@@ -43,33 +60,41 @@ class ProbeResult:
     seconds: float = 0.0
     num_classes: int = 0
     num_features: int = 0
+    normalize: str = "scalar"
+    solver: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary without the head's weights."""
         d = asdict(self)  # deep-copies the Linear too; cheap for a head, keeps the code obvious
         d.pop("head")
-        d["sweep"] = [
-            {k: (int(v) if k in ("iterations", "evaluations") else float(v)) for k, v in r.items()}
-            for r in self.sweep
-        ]
+        d["sweep"] = [{k: (int(v) if k in _INT_KEYS else float(v)) for k, v in r.items()} for r in self.sweep]
         return d
 
 
 @dataclass(frozen=True)
 class ProbeSolver:
-    """Solver knobs: the defaults match sklearn's lbfgs, so most callers never build one.
+    """Solver knobs: the defaults are the official DAFT probe's, so most callers never build one.
 
-    ``max_iter`` caps L-BFGS iterations per C and ``tol`` is the max-abs gradient tolerance (sklearn's
-    meaning). ``history`` is the L-BFGS memory; ``precondition`` toggles the Kronecker preconditioner
-    (speed only). ``dtype=torch.float64`` trades speed for exactness; in float32 an extra stop rule ends
-    a C once the loss decrease reaches working precision (scipy's ftol rule at 8 eps).
+    ``max_iter`` caps L-BFGS iterations per C, with sklearn's meaning: sklearn's lbfgs passes it to
+    scipy's L-BFGS-B as ``maxiter`` and reports scipy's ``nit`` (accepted steps, each with its line
+    search) as ``n_iter_``; ours counts accepted steps the same way, fresh at every C, as sklearn's
+    ``warm_start=True`` refit per C does. 200 is the official config's ``transfer.max_iter``
+    (``LogisticRegression(max_iter=200, warm_start=True)``; sklearn's own default is 100). ``tol`` is
+    sklearn's default 1e-4 on the max-abs gradient of the same mean-loss objective (scipy's ``gtol``).
+    Our steps are preconditioned and keep their curvature memory across Cs, so a C needs fewer of them
+    (77 vs sklearn's 303 over 20 Cs in ``benchmarks.lp_vs_sklearn --n 1000 --dim 256 --num-cs 20``);
+    the cap binds later for us, and both stop at the same gradient tolerance.
+    ``history`` is the L-BFGS memory; ``precondition`` toggles the Kronecker preconditioner (speed only).
+    ``dtype`` defaults to float64, which makes the chosen C independent of the BLAS thread count (see the
+    module docstring); float32 is faster on large problems, and an extra stop rule then ends a C once
+    the loss decrease reaches working precision (scipy's ftol rule at 8 eps).
     """
 
-    max_iter: int = 100
+    max_iter: int = 200
     tol: float = 1e-4
     history: int = 30
     precondition: bool = True
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype = torch.float64
 
     def __post_init__(self) -> None:
         if self.max_iter < 1 or self.tol <= 0:
@@ -80,6 +105,16 @@ class ProbeSolver:
             raise ValueError(f"history must be >= 0, got {self.history}")
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating point dtype, got {self.dtype}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able knobs, for the result's record."""
+        return {
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "history": self.history,
+            "precondition": self.precondition,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
 
 def _with_overrides(solver: ProbeSolver | None, max_iter: int | None, tol: float | None) -> ProbeSolver:
@@ -95,6 +130,7 @@ def _with_overrides(solver: ProbeSolver | None, max_iter: int | None, tol: float
 
 @dataclass
 class _Best:
+    val_correct: int
     val_accuracy: float
     C: float
     train_accuracy: float
@@ -108,7 +144,7 @@ class _WarmPath:
     pairs stay exact once shifted; this is where most of the sweep's speed comes from.
     """
 
-    def __init__(self, prob: StandardisedProblem, num_classes: int, solver: ProbeSolver) -> None:
+    def __init__(self, prob: NormalisedProblem, num_classes: int, solver: ProbeSolver) -> None:
         self.prob = prob
         self.solver = solver
         self.fun = Objective(prob.x_train, prob.y_train, num_classes)
@@ -139,22 +175,25 @@ class _WarmPath:
         return iters, fun.evals - evals0
 
     @torch.no_grad()
-    def score(self) -> tuple[float, float, float]:
-        """(train accuracy, val accuracy, val loss) of the current optimum; train costs no pass over X."""
+    def score(self) -> tuple[float, int, float]:
+        """(train accuracy, val correct count, val loss) of the current optimum; train costs no pass."""
         self.fun(self.theta)  # cached: the solver's last evaluation was at theta
         assert self.fun.logits is not None
         y_train, y_val = self.prob.y_train, self.prob.y_val
         train_acc = float(self.fun.logits.argmax(1).eq(y_train).double().mean())
         val_logits = self.prob.x_val @ self.theta.T
-        val_acc = float(val_logits.argmax(1).eq(y_val).double().mean())
+        val_correct = int(val_logits.argmax(1).eq(y_val).sum())
         val_loss = float(nn.functional.cross_entropy(val_logits.double(), y_val))
-        return train_acc, val_acc, val_loss
+        return train_acc, val_correct, val_loss
 
 
 def _sweep(
     path: _WarmPath, cs: np.ndarray, patience: int | None, progress: bool
 ) -> tuple[list[dict[str, float]], _Best]:
-    """Solve every C (or until ``patience``); ties keep the smaller C, the safer choice under shift."""
+    """Solve every C (or until ``patience``); ties keep the smaller C, the safer choice under shift.
+
+    Compared as integer counts of correct val samples, so "a tie" is exact, not a float comparison.
+    """
     best: _Best | None = None
     sweep: list[dict[str, float]] = []
     since_best = 0
@@ -162,12 +201,14 @@ def _sweep(
     for c in cs:
         tc = time.perf_counter()
         iters, evals = path.solve(float(c))
-        train_acc, val_acc, val_loss = path.score()
+        train_acc, val_correct, val_loss = path.score()
+        val_acc = val_correct / len(path.prob.y_val)
         sweep.append(
             {
                 "C": float(c),
                 "train_accuracy": train_acc,
                 "val_accuracy": val_acc,
+                "val_correct": val_correct,
                 "val_loss": val_loss,
                 "iterations": iters,
                 "evaluations": evals,
@@ -178,8 +219,8 @@ def _sweep(
         if bar is not None:
             bar.update(1)
             bar.set_postfix(C=f"{c:.2g}", val_acc=f"{val_acc:.4f}")
-        if best is None or val_acc > best.val_accuracy:  # strict: ties keep the smaller C
-            best = _Best(val_acc, float(c), train_acc, path.theta.clone())
+        if best is None or val_correct > best.val_correct:  # strict: ties keep the smaller C
+            best = _Best(val_correct, val_acc, float(c), train_acc, path.theta.clone())
             since_best = 0
         else:
             since_best += 1
@@ -192,18 +233,27 @@ def _sweep(
     return sweep, best
 
 
-def _fold_into_linear(theta: torch.Tensor, prob: StandardisedProblem) -> nn.Linear:
-    """Fold the standardisation into the weights (in float64) so the head takes raw features."""
+def fold_head(theta: torch.Tensor, prob: NormalisedProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold the normalisation into ``theta = [W | b]`` (float64): ``raw @ W'.T + b'`` = the solver's logits.
+
+    ``W' = W / std`` and ``b' = b - W' @ mean`` per live column (weight 0 elsewhere); for the scalar mode
+    this is the official ``W / std``, ``b - W @ (mean / std * 1)``. Returns float64 ``(W', b')`` on CPU.
+    """
     k = theta.shape[0]
     th = theta.to(torch.float64)
     w_live = th[:, :-1] / prob.std
     b = th[:, -1] - w_live @ prob.mean
-    w = torch.zeros(k, prob.num_features, dtype=torch.float64, device=prob.device)
+    w = torch.zeros(k, prob.num_features, dtype=torch.float64, device=th.device)
     w[:, prob.live] = w_live
-    head = nn.Linear(prob.num_features, k)
+    return w.cpu(), b.cpu()
+
+
+def _to_linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    """A float32 ``nn.Linear`` holding the folded head, ready for ``DaftModel.head``."""
+    head = nn.Linear(w.shape[1], w.shape[0])
     with torch.no_grad():
-        head.weight.copy_(w.float().cpu())
-        head.bias.copy_(b.float().cpu())
+        head.weight.copy_(w.float())
+        head.bias.copy_(b.float())
     return head
 
 
@@ -218,30 +268,36 @@ def fit_linear_probe(
     device: torch.device | str | None = None,
     patience: int | None = None,
     progress: bool = False,
+    normalize: Normalize = "scalar",
     solver: ProbeSolver | None = None,
     max_iter: int | None = None,
     tol: float | None = None,
 ) -> ProbeResult:
     """Sweep C (default ``LOGSPACE_CS``) for an L2 multinomial logistic probe; keep the best ID-val C.
 
-    Same objective as ``sklearn.linear_model.LogisticRegression(C=C)`` (lbfgs, multinomial), so the
-    paper's grid means what it meant there. Ties go to the smaller C. ``patience=k`` stops after ``k``
-    Cs without a new best; the default sweeps the whole grid, as the paper does. ``device`` defaults to
+    Same objective as ``sklearn.linear_model.LogisticRegression(C=C)`` (lbfgs, multinomial) on the
+    normalised features, so the paper's grid means what it meant there. ``normalize`` is ``"scalar"``
+    (default: the paper's one mean / one std over all train features), ``"per_feature"`` (sklearn's
+    StandardScaler) or ``"none"`` (see ``daft_core.probe.prepare``). Ties go to the smaller C.
+    ``patience=k`` stops after ``k`` Cs without a new best; the default sweeps the whole grid, as the
+    paper does. ``device`` defaults to
     CUDA when available. ``max_iter``/``tol`` override the same fields of ``solver`` (see ProbeSolver).
     Two classes are a 2-way softmax: the same model as sklearn's binary fit at 2C (w splits into ±w/2).
     ``progress`` shows a tqdm bar over the Cs when stderr is a terminal.
     """
     t0 = time.perf_counter()
+    check_normalize(normalize)
     xt, yt, xv, yv, k = validate_inputs(train_feats, train_y, val_feats, val_y, num_classes)
     cs = sorted_cs(LOGSPACE_CS if Cs is None else Cs)
     solver = _with_overrides(solver, max_iter, tol)
     dev = resolve_device(device)
-    prob = standardise(xt, yt, xv, yv, dev, solver.dtype)
+    prob = normalise(xt, yt, xv, yv, dev, solver.dtype, normalize)
     sweep, best = _sweep(_WarmPath(prob, k, solver), cs, patience, progress)
-    head = _fold_into_linear(best.theta, prob)
+    head = _to_linear(*fold_head(best.theta, prob))
     seconds = time.perf_counter() - t0
     logger.info(
-        "linear probe: %d Cs in %.2fs on %s, best C=%.3g val_acc=%.4f (train_acc=%.4f)",
+        "linear probe (%s normalisation): %d Cs in %.2fs on %s, best C=%.3g val_acc=%.4f (train_acc=%.4f)",
+        normalize,
         len(sweep),
         seconds,
         dev,
@@ -258,4 +314,6 @@ def fit_linear_probe(
         seconds=seconds,
         num_classes=k,
         num_features=prob.num_features,
+        normalize=normalize,
+        solver=solver.to_dict(),
     )

@@ -6,7 +6,7 @@ Why our own L-BFGS instead of ``torch.optim.LBFGS`` or scipy: the C grid is swep
 with warm starts, and because consecutive objectives differ only by the quadratic penalty, the curvature
 pairs stay *exact* after a C change once corrected (``LBFGS.shift_lambda``). Keeping that memory across
 Cs, a Kronecker-factored initial inverse Hessian (``KronPreconditioner``), caching the data term between
-Cs and float32 BLAS together make the 50-value sweep more than an order of magnitude faster than
+Cs and BLAS matmuls together make the 50-value sweep more than an order of magnitude faster than
 sklearn's warm-started sweep (``python -m benchmarks.lp_vs_sklearn``).
 """
 

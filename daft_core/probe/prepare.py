@@ -1,22 +1,43 @@
-"""Turn caller inputs into the solver's problem: validated tensors, standardised with train statistics.
+"""Turn caller inputs into the solver's problem: validated tensors, normalised with train statistics.
 
-Standardising is what lets one C grid fit every backbone (sklearn's pipelines do the same). Features
-constant on train carry no signal for the probe and would only leak float noise into their weights: they
-are left out of the solve (``live`` is False) and get weight 0 in the folded head.
+Normalising is what lets one C grid fit every backbone. Three modes (``NORMALIZE_MODES``):
+
+- ``"scalar"`` (default, the paper's: DAFT's ``lp_log_reg.py``): ONE mean and ONE std over every entry
+  of the train feature matrix, ``(x - mean) / std``. Every feature keeps its relative scale, so a feature
+  that barely moves on train keeps a small input and gets a small weight.
+- ``"per_feature"``: sklearn's ``StandardScaler`` (a mean and std per column). Columns constant on train
+  (std below ``_STD_FLOOR``) are left out of the solve and get weight 0. Near-constant columns are blown
+  up to unit variance, and folding back divides their weights by a tiny std: large raw weights that turn
+  small OOD feature shifts into logit noise.
+- ``"none"``: raw features.
+
+The statistics are folded back into the head afterwards (``fit.fold_head``), so the head applies to raw
+features in every mode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
-__all__ = ["StandardisedProblem", "sorted_cs", "standardise", "validate_inputs"]
+__all__ = [
+    "NORMALIZE_MODES",
+    "NormalisedProblem",
+    "Normalize",
+    "check_normalize",
+    "normalise",
+    "sorted_cs",
+    "validate_inputs",
+]
 
-_STD_FLOOR = 1e-6  # features with a smaller train std are constant on train: left out, weight 0
+Normalize = Literal["scalar", "per_feature", "none"]
+NORMALIZE_MODES: tuple[str, ...] = get_args(Normalize)
+
+_STD_FLOOR = 1e-6  # per_feature: features with a smaller train std are constant on train: left out, weight 0
 _CHUNK = 8192  # rows per chunk when touching features in float64 (bounds the extra memory)
 
 
@@ -98,6 +119,16 @@ def sorted_cs(Cs: Sequence[float] | np.ndarray) -> np.ndarray:
     return cs
 
 
+def check_normalize(normalize: str) -> str:
+    """Refuse an unknown mode up front, naming the valid ones."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(
+            f"normalize must be one of {', '.join(map(repr, NORMALIZE_MODES))}, got {normalize!r} "
+            "('scalar' is the paper's: one mean and one std over all train features)"
+        )
+    return normalize
+
+
 def _moments(x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Train mean and population std in float64 (two passes, chunked)."""
     n = x.shape[0]
@@ -111,7 +142,7 @@ def _moments(x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, torch.Te
     return mean, (sq / n).sqrt()
 
 
-def _standardise_aug(
+def _normalise_aug(
     x: torch.Tensor,
     live: torch.Tensor,
     mean: torch.Tensor,
@@ -121,8 +152,8 @@ def _standardise_aug(
 ) -> torch.Tensor:
     """``[(x - mean) / std, 1]`` on ``dev`` in the solver's dtype; the ones column carries the bias.
 
-    ``mean``/``std`` cover only the live columns: the float64 detour keeps the shift exact even for
-    features with a large offset.
+    ``mean``/``std`` are per live column (a scalar mode repeats its one value): the float64 detour keeps
+    the shift exact even for features with a large offset.
     """
     n, dim = x.shape[0], mean.shape[0]
     out = torch.empty(n, dim + 1, device=dev, dtype=dtype)
@@ -134,44 +165,68 @@ def _standardise_aug(
 
 
 @dataclass
-class StandardisedProblem:
+class NormalisedProblem:
     """Train/val on the solver's device and dtype, plus what folding the head back needs."""
 
-    x_train: torch.Tensor  # (N, D_live + 1): standardised live features and a ones column
+    x_train: torch.Tensor  # (N, D_live + 1): normalised live features and a ones column
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    mean: torch.Tensor  # float64, live columns only
-    std: torch.Tensor
-    live: torch.Tensor  # bool (D,): columns that vary on train
+    mean: torch.Tensor  # float64 (D_live,): the shift of each live column (one value repeated in "scalar")
+    std: torch.Tensor  # float64 (D_live,): the scale of each live column
+    live: torch.Tensor  # bool (D,): columns in the solve (all but per_feature's constant ones)
     num_features: int  # D, the raw feature count
+    normalize: str
 
     @property
     def device(self) -> torch.device:
         return self.x_train.device
 
 
-def standardise(
+def _statistics(
+    mean_all: torch.Tensor, std_all: torch.Tensor, normalize: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(live mask, shift, scale) of ``normalize`` from the per-column train moments (float64)."""
+    d = mean_all.shape[0]
+    if normalize == "per_feature":
+        live = std_all >= _STD_FLOOR
+        if not bool(live.any()):
+            raise ValueError(
+                "every feature is constant on train_feats: the backbone output carries no signal"
+            )
+        return live, mean_all[live], std_all[live]
+    if not bool((std_all > 0).any()):
+        raise ValueError("every feature is constant on train_feats: the backbone output carries no signal")
+    live = torch.ones(d, dtype=torch.bool, device=mean_all.device)
+    if normalize == "none":
+        return live, torch.zeros_like(mean_all), torch.ones_like(std_all)
+    # scalar: np.mean / np.std of the whole matrix; with equal counts per column the pooled moments are
+    # the column moments' averages (law of total variance), so no extra pass over the data is needed
+    mean = mean_all.mean()
+    std = (std_all.square() + (mean_all - mean).square()).mean().sqrt()
+    return live, mean.expand(d).clone(), std.expand(d).clone()
+
+
+def normalise(
     xt: torch.Tensor,
     yt: torch.Tensor,
     xv: torch.Tensor,
     yv: torch.Tensor,
     dev: torch.device,
     dtype: torch.dtype,
-) -> StandardisedProblem:
-    """Standardise train and val with the train mean/std (float64), dropping constant columns."""
-    mean_all, std_all = _moments(xt, dev)
-    live = std_all >= _STD_FLOOR
-    if not bool(live.any()):
-        raise ValueError("every feature is constant on train_feats: the backbone output carries no signal")
-    mean, std = mean_all[live], std_all[live]
-    return StandardisedProblem(
-        x_train=_standardise_aug(xt, live, mean, std, dev, dtype),
+    normalize: str = "scalar",
+) -> NormalisedProblem:
+    """Normalise train and val with train statistics (float64) as ``normalize`` says (module docstring)."""
+    check_normalize(normalize)
+    live, mean, std = _statistics(*_moments(xt, dev), normalize)
+    return NormalisedProblem(
+        x_train=_normalise_aug(xt, live, mean, std, dev, dtype),
         y_train=yt.to(dev),
-        x_val=_standardise_aug(xv, live, mean, std, dev, dtype),
+        x_val=_normalise_aug(xv, live, mean, std, dev, dtype),
         y_val=yv.to(dev),
         mean=mean,
         std=std,
         live=live,
         num_features=xt.shape[1],
+        normalize=normalize,
     )

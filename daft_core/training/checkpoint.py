@@ -71,15 +71,18 @@ def fingerprint_data(
     config: FinetuneConfig,
     bn_converted: bool,
     probe_head: Any = None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """What must match for a checkpoint to continue this run (plain dict, stored and diffed on mismatch).
 
-    The recipe and every config field that affects the trained weights; the start state (the weights as
+    The recipe and every config field that affects the trained weights (the schedule included), and the
+    number of processes (``config.world_size``: it sets the global batch); the start state (the weights as
     handed to `finetune`, before BN conversion or head init, plus the probe head a "probe" recipe starts
     from); and the content of the training and validation sets. Call it before set-up touches the model.
     """
     cfg = config.to_dict()
     cfg.pop("eval_batch_size")  # does not affect the trained weights
+    cfg["world_size"] = int(world_size)
     spec = getattr(model, "spec", None)
     probe = None
     if recipe.head_init == "probe" and probe_head is not None:
@@ -328,14 +331,19 @@ def open_last(ckpt_dir: Path, fingerprint: Mapping[str, Any], mode: ResumeMode) 
     return None
 
 
-def discard_unusable(ckpt_dir: Path, problem: str, mode: ResumeMode) -> None:
-    """A ``last.pt`` that cannot be resumed from: raise with "must", else set it aside with a warning."""
+def discard_unusable(ckpt_dir: Path, problem: str, mode: ResumeMode, act: bool = True) -> None:
+    """A ``last.pt`` that cannot be resumed from: raise with "must", else set it aside with a warning.
+
+    ``act=False`` (ranks other than 0): raise alike, but leave the files to rank 0.
+    """
     path = ckpt_dir / LAST_NAME
     if mode == "must":
         raise CheckpointError(
             f"{path} is corrupt: {problem}. Delete it to start over (or pass resume='auto', which sets it "
             "aside)."
         )
+    if not act:
+        return
     moved = set_aside(ckpt_dir)
     logger.warning(
         "not resuming from %s: it is corrupt (%s); moved it to %s and starting fresh", path, problem, moved
@@ -360,8 +368,14 @@ def set_aside(ckpt_dir: Path) -> Path:
     return moved
 
 
-def write_checkpoints(run: FinetuneRun, ckpt_dir: Path) -> None:
-    """best.pt first, then last.pt, so a kill between the two never loses the best weights."""
+def write_checkpoints(
+    run: FinetuneRun, ckpt_dir: Path, rng_ranks: list[dict[str, torch.Tensor]] | None = None
+) -> None:
+    """best.pt first, then last.pt, so a kill between the two never loses the best weights.
+
+    ``rng_ranks`` (under torch.distributed, written by rank 0): every rank's RNG states, in rank order, so
+    each rank resumes its own augmentation stream.
+    """
     progress = run.progress
     fingerprint = digest(run.fingerprint)
     if progress.best_epoch == progress.epoch:
@@ -389,6 +403,8 @@ def write_checkpoints(run: FinetuneRun, ckpt_dir: Path) -> None:
         "history": progress.history,
         "conversion_report": run.conversion_report,
     }
+    if rng_ranks is not None:
+        last["rng_ranks"] = rng_ranks
     _save(last, ckpt_dir / LAST_NAME)
 
 
@@ -399,11 +415,20 @@ def restore_progress(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     gens: Generators,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> RunProgress:
     """Put a loaded ``last.pt`` back into the live objects; returns the progress to continue from.
 
     Raises (any error) when the file does not fit them; the caller then starts over from the start weights.
+    Under torch.distributed rank ``r`` takes its own RNG states from ``rng_ranks[r]``.
     """
+    rng = ckpt["rng"]
+    if world_size > 1:
+        ranks = ckpt.get("rng_ranks")
+        if not isinstance(ranks, list) or len(ranks) != world_size:
+            raise ValueError(f"'rng_ranks' does not hold the RNG states of {world_size} ranks")
+        rng = ranks[rank]
     live = model.state_dict()
     for key in ("model_state", "best_state"):
         state = ckpt[key]
@@ -414,7 +439,7 @@ def restore_progress(
     model.load_state_dict(ckpt["model_state"])
     optimizer.load_state_dict(ckpt["optimizer_state"])
     scheduler.load_state_dict(ckpt["scheduler_state"])
-    restore_rng(ckpt["rng"], gens, device)
+    restore_rng(rng, gens, device)
     return RunProgress(
         epoch=int(ckpt["epoch"]),
         best_epoch=int(ckpt["best_epoch"]),

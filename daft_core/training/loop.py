@@ -5,6 +5,8 @@ shuffled training pass, validation, best-ID-val selection and, with a ``checkpoi
 checkpoints. On CPU a run is bit-reproducible from its seed, and a killed run resumed from
 ``checkpoint_dir/last.pt`` ends with exactly the weights an uninterrupted run would. Only the same run
 resumes: ``last.pt`` carries a fingerprint of the recipe, config, start weights and data (`checkpoint`).
+Launched by torchrun (or inside an initialised process group) the same loop runs data-parallel
+(`distributed`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -21,11 +23,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from daft_core.augment import to_float_resized
-from daft_core.devices import resolve_device
 from daft_core.faults import kill_point
 from daft_core.recipes import Recipe
-from daft_core.training.checkpoint import RunProgress, check_resume_mode, cpu_state, write_checkpoints
+from daft_core.training.checkpoint import (
+    RunProgress,
+    check_resume_mode,
+    cpu_state,
+    rng_states,
+    write_checkpoints,
+)
 from daft_core.training.config import FinetuneConfig, FinetuneResult, ResumeMode
+from daft_core.training.distributed import (
+    all_gather,
+    all_reduce_sum,
+    broadcast_buffers,
+    distributed_session,
+    on_main,
+    run_device,
+    shard_batches,
+)
 from daft_core.training.run import FinetuneRun, start_run
 from daft_core.training.setup import batches, cuda_index, set_train_mode, validate_inputs
 from daft_core.training.step import autocast, current_lrs, run_train_steps
@@ -60,28 +76,36 @@ def finetune(
     - ``"must"``: raise `CheckpointMismatchError` (another run) or `CheckpointError` (unreadable) naming the
       file, before any training; the file is left alone. No ``last.pt`` at all still starts fresh.
     - ``"never"``: delete any ``last.pt``/``best.pt`` there and start fresh.
+
+    Data-parallel: under torchrun (``RANK``/``WORLD_SIZE`` set; the process group is joined here and left
+    at the end) or inside a process group the caller initialised, every rank calls this with the same
+    arguments. ``config.batch_size`` is then per rank (a step sees ``world_size`` times as many images),
+    gradients are averaged over ranks, rank 0 alone validates and writes ``checkpoint_dir``, and every rank
+    gets the same result; ``callback`` runs on every rank with the same record (docs/distributed.md).
     """
     check_resume_mode(resume)
     validate_inputs(recipe, probe_head, train, val)
-    device = resolve_device(config.device)
-    fork_devices = [cuda_index(device)] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):  # seed locally; leave the caller's global RNG alone
-        run = start_run(
-            model,
-            train,
-            val,
-            recipe,
-            config,
-            device,
-            probe_head=probe_head,
-            bn_converted=bn_converted,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-        )
-        try:
-            return _fit(run, callback)
-        finally:
-            run.restore_caller_state()
+    with distributed_session(config.device) as dist_info:
+        device = run_device(config.device, dist_info)
+        fork_devices = [cuda_index(device)] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=fork_devices):  # seed locally; leave the caller's RNG alone
+            run = start_run(
+                model,
+                train,
+                val,
+                recipe,
+                config,
+                device,
+                probe_head=probe_head,
+                bn_converted=bn_converted,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                dist_info=dist_info,
+            )
+            try:
+                return _fit(run, callback)
+            finally:
+                run.restore_caller_state()
 
 
 def _fit(run: FinetuneRun, callback: Callable[[dict[str, Any]], None] | None) -> FinetuneResult:
@@ -92,46 +116,67 @@ def _fit(run: FinetuneRun, callback: Callable[[dict[str, Any]], None] | None) ->
         progress.epoch = epoch
         progress.history.append(record)
         if run.checkpoint_dir is not None:
-            write_checkpoints(run, run.checkpoint_dir)
+            _write_checkpoints(run, run.checkpoint_dir)
             kill_point("training.after_epoch_checkpoint")  # fault tests: die with last.pt just written
-        logger.info("%s epoch %d/%d: %s", run.recipe.name, epoch, run.config.epochs, _fmt(record))
+        if run.dist.is_main:
+            logger.info("%s epoch %d/%d: %s", run.recipe.name, epoch, run.config.epochs, _fmt(record))
         if callback is not None:
             callback(dict(record))
     return _finish(run)
 
 
+def _write_checkpoints(run: FinetuneRun, ckpt_dir: Any) -> None:
+    """Rank 0 writes (with every rank's RNG states under torch.distributed); the others wait for it."""
+    d = run.dist
+    rng_ranks = all_gather(rng_states(run.gens, run.device), d) if d.active else None
+    on_main(lambda: write_checkpoints(run, ckpt_dir, rng_ranks), d, run.device)
+
+
 def _run_epoch(run: FinetuneRun, epoch: int) -> dict[str, Any]:
+    """Train one epoch; rank 0 validates and its record (the same on every rank) is returned."""
     lrs = current_lrs(run.optimizer)
     start = time.perf_counter()
     train_loss, train_acc, n = _train_epoch(run, epoch)
     train_seconds = time.perf_counter() - start
-    val_loss, val_acc = _evaluate(run, run.val)
-    return {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "train_accuracy": train_acc,
-        "val_loss": val_loss,
-        "val_accuracy": val_acc,
-        "lr_head": lrs[0],  # lr at the start of the epoch (cosine decays within it)
-        "lr_backbone": lrs[1],
-        "seconds": time.perf_counter() - start,
-        "images_per_second": n / max(train_seconds, 1e-9),
-    }
+    broadcast_buffers(run.model, run.dist)  # one model everywhere: rank 0's BN running statistics
+
+    def validate() -> dict[str, Any]:
+        val_loss, val_acc = _evaluate(run, run.val)
+        return {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr_head": lrs[0],  # lr at the start of the epoch
+            "lr_backbone": lrs[1],
+            "seconds": time.perf_counter() - start,
+            "images_per_second": n / max(train_seconds, 1e-9),  # all ranks together
+            "world_size": run.dist.world_size,
+        }
+
+    return on_main(validate, run.dist, run.device)
 
 
 def _train_epoch(run: FinetuneRun, epoch: int) -> tuple[float, float, int]:
-    """One shuffled pass over ``run.train``: (mean loss, accuracy, #images)."""
+    """One shuffled pass over ``run.train`` (this rank's share of it): (mean loss, accuracy, #images) over
+    all ranks."""
     set_train_mode(run.model, run.recipe)
-    config = run.config
-    train_batches = batches(
-        run.train,
-        config.batch_size,
-        shuffle=True,
-        generator=run.gens.shuffle,
-        device=run.device,
-        drop_last=run.drop_last,
-    )
-    bar = _progress(run.steps_per_epoch, f"{run.recipe.name} epoch {epoch}")
+    config, d = run.config, run.dist
+    if d.active:
+        train_batches = shard_batches(
+            run.train, config.batch_size, d, generator=run.gens.shuffle, device=run.device
+        )
+    else:
+        train_batches = batches(
+            run.train,
+            config.batch_size,
+            shuffle=True,
+            generator=run.gens.shuffle,
+            device=run.device,
+            drop_last=run.drop_last,
+        )
+    bar = _progress(run.steps_per_epoch, f"{run.recipe.name} epoch {epoch}") if d.is_main else None
     try:
         loss_sum, correct, n = run_train_steps(
             run.ctx,
@@ -146,6 +191,10 @@ def _train_epoch(run: FinetuneRun, epoch: int) -> tuple[float, float, int]:
     finally:
         if bar is not None:
             bar.close()
+    if d.active:
+        n_here = torch.tensor(float(n), device=run.device)
+        loss_sum, correct, n_all = all_reduce_sum([loss_sum, correct, n_here], d)
+        n = int(n_all)
     n_safe = max(n, 1)
     return float(loss_sum) / n_safe, int(correct) / n_safe, n
 
@@ -198,7 +247,7 @@ def _finish(run: FinetuneRun) -> FinetuneResult:
         model.load_state_dict(progress.best_state)
         best_acc = progress.best_val_accuracy
     else:
-        best_acc = _evaluate(run, run.val)[1]
+        best_acc = on_main(lambda: _evaluate(run, run.val)[1], run.dist, run.device)
     conversion_report = run.conversion_report
     if conversion_report is None:
         conversion_report = run.resumed_conversion_report
@@ -209,4 +258,5 @@ def _finish(run: FinetuneRun) -> FinetuneResult:
         best_val_accuracy=best_acc,
         history=copy.deepcopy(progress.history),
         conversion_report=conversion_report,
+        world_size=run.dist.world_size,
     )

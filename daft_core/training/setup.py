@@ -5,6 +5,7 @@ Each helper is one decision a `Recipe` field makes, so the loop itself never bra
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -118,13 +119,25 @@ def _reset_linear(linear: nn.Linear, generator: torch.Generator) -> None:
 
 
 def convert_bn(
-    model: nn.Module, train: Any, config: FinetuneConfig, device: torch.device, drop_last: bool
+    model: nn.Module,
+    train: Any,
+    config: FinetuneConfig,
+    device: torch.device,
+    drop_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """DAFT's BN conversion on ID-train batches of the *training* batch size: batch-mean statistics depend
-    on it, and they should match what train-mode BN will see."""
+    on it, and they should match what train-mode BN will see.
+
+    Under torch.distributed rank ``r`` measures batches ``r, r+W, ...`` of the same unshuffled sequence and
+    `convert_batchnorm` all-reduces the sums, so every rank gets the statistics one process would.
+    """
     from daft_core.bn_conversion import convert_batchnorm  # lazy: optional collaborator module
 
-    images = (x for x, _ in batches(train, config.batch_size, device=device, drop_last=drop_last))
+    all_batches = batches(train, config.batch_size, device=device, drop_last=drop_last)
+    shard = itertools.islice(all_batches, rank, None, world_size) if world_size > 1 else all_batches
+    images = (x for x, _ in shard)
     report = convert_batchnorm(model, images, stats="batch_mean")
     logger.info("BN conversion on %d ID-train images: %d layers", report.num_samples, len(report.layers))
     return report.to_dict()
@@ -155,13 +168,26 @@ def build_optimizer(
     return optimizer, saved
 
 
-def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up then cosine decay to 0 over ``total_steps`` (per optimisation step)."""
+def lr_lambda(
+    schedule: str, epochs: int, steps_per_epoch: int, warmup_steps: int = 0
+) -> Callable[[int], float]:
+    """The lr factor of optimisation step ``step`` (0-based): linear warm-up, then cosine decay to 0.
+
+    ``"cosine_epoch"`` (the paper's ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch) holds
+    ``0.5 * (1 + cos(pi * e / epochs))`` through 0-based epoch ``e``; ``"cosine_step"`` decays per step
+    over the steps after the warm-up. A `LambdaLR` stepped per step either way, so the checkpointed
+    scheduler state is the same kind for both.
+    """
+    steps = max(1, steps_per_epoch)
+    total = epochs * steps
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "cosine_epoch":
+            progress = (step // steps) / max(1, epochs)
+        else:
+            progress = (step - warmup_steps) / max(1, total - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
@@ -176,7 +202,43 @@ def set_train_mode(model: nn.Module, recipe: Recipe) -> None:
                 m.eval()
 
 
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+def check_sync_bn(sync_bn: bool, device: torch.device, world_size: int) -> None:
+    """SyncBatchNorm has CUDA kernels only (torch refuses it on CPU): say so before any work."""
+    if sync_bn and world_size > 1 and device.type != "cuda":
+        raise ValueError(
+            f"sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation), but this run "
+            f"trains on {device}: set sync_bn false for CPU runs (each rank then normalises its own batch)"
+        )
+
+
+def to_sync_bn(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap every BN layer for a SyncBatchNorm sharing its parameters (statistics over the global batch).
+
+    Returns ``(parent, name, original)`` for `undo_sync_bn`: the caller gets its own layer types back.
+    """
+    swaps = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                swaps.append((parent, name, child))
+    return swaps
+
+
+def undo_sync_bn(swaps: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put the original BN layers back, carrying the trained state over."""
+    for parent, name, original in swaps:
+        sync = getattr(parent, name)
+        original.load_state_dict(sync.state_dict())
+        original.train(sync.training)
+        setattr(parent, name, original)
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Optimisation steps per epoch; with several ranks a step takes ``world_size * batch_size`` images
+    and a ragged last global batch is always dropped (see `distributed.shard_batches`)."""
+    if world_size > 1:
+        return n // (batch_size * world_size)
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 

@@ -36,18 +36,36 @@ class StepContext:
 
 
 def make_step_context(
-    model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig, device: torch.device
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: FinetuneConfig,
+    device: torch.device,
+    *,
+    data_parallel: bool = False,
 ) -> StepContext:
-    """Resolve amp / channels-last / compile for ``device`` (also used by the throughput benchmark)."""
+    """Resolve amp / channels-last / compile for ``device`` (also used by the throughput benchmark).
+
+    ``data_parallel``: the step calls the model through DistributedDataParallel (an initialised process
+    group), which averages gradients over ranks in backward; compile, if on, wraps that.
+    """
     cuda = device.type == "cuda"
     amp_dtype = torch.bfloat16 if (config.amp == "bf16" or (config.amp == "auto" and cuda)) else None
     channels_last = config.channels_last == "on" or (config.channels_last == "auto" and cuda)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     module = model
-    use_compile = config.compile and cuda
+    if data_parallel:
+        from torch.nn.parallel import DistributedDataParallel
+
+        module = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    use_compile = config.compile
+    # CUDA graphs ("reduce-overhead") exist only on CUDA; CPU gets inductor's default mode.
+    cudagraphs = use_compile and cuda and "reduce-overhead" in config.compile_mode
     if use_compile:
-        module = torch.compile(model, mode=config.compile_mode)
+        if not cuda:
+            _check_cpu_compiler()
+        mode = config.compile_mode if cuda or config.compile_mode != "reduce-overhead" else None
+        module = torch.compile(module, mode=mode)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return StepContext(
         module=module,
@@ -58,8 +76,23 @@ def make_step_context(
         channels_last=channels_last,
         label_smoothing=config.label_smoothing,
         grad_clip=config.grad_clip,
-        compiled_cudagraphs=use_compile and "reduce-overhead" in config.compile_mode,
+        compiled_cudagraphs=cudagraphs,
     )
+
+
+def _check_cpu_compiler() -> None:
+    """torch.compile on CPU builds C++ kernels (inductor): fail at set-up, not mid-epoch, without one."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # private API moved: let torch.compile report it
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's own "no C++ compiler" error
+        raise ValueError(
+            f"compile=True on CPU needs a C++ compiler for torch.compile (inductor): {e}; install g++ "
+            "(or set CXX) or set finetune.compile to false"
+        ) from e
 
 
 def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:

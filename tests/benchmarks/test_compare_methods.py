@@ -13,6 +13,7 @@ import pytest
 from benchmarks import compare_methods as cm
 
 ALL = set(cm.ALL_METHODS)
+ROWS = ALL | {m + cm.WISE for m in cm.FINETUNED}  # every fine-tuned method has its WiSE-FT row
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
     out = tmp_path_factory.mktemp("cm") / "res"
     argv = [
         "--preset", "digits", "--model", "tiny_cnn", "--weights", "none", "--input-size", "16",
-        "--max-train", "64", "--epochs", "1", "--seeds", "2", "--threads", "1",
+        "--max-train", "64", "--epochs", "1", "--seeds", "3", "--threads", "1",
         "--grid", "ft=0.01,0.1,0.3", "--lr", "lp_ft=0.001", "--lr", "daft=0.01:0.001",
+        "--grid", "daft_bn_only=0.01", "--grid", "daft_fast_head_only=1.0:0.001,1.0:0.01",
         "--out", str(out),
     ]  # fmt: skip
     buf = io.StringIO()
@@ -36,12 +38,12 @@ def test_json_line_has_every_method_with_mean_std(run: tuple[dict, dict, str]) -
     results, parsed, _ = run
     assert parsed == json.loads(json.dumps(results))  # the printed line is the returned object
     assert parsed["partial"] is False
-    assert set(parsed["methods"]) == ALL
+    assert set(parsed["methods"]) == ROWS
     ood = parsed["ood_sets"]
     assert set(ood) == {"printed", "corrupted"}
     for method, res in parsed["methods"].items():
         s = res["summary"]
-        assert len(res["per_seed"]) == 2, method
+        assert len(res["per_seed"]) == 3, method
         for key in ["acc.id_val", "acc.id_test", "acc.ood_mean", *(f"acc.{n}" for n in ood)]:
             assert set(s[key]) >= {"mean", "std"}, (method, key)
             assert 0.0 <= s[key]["mean"] <= 1.0 and s[key]["std"] >= 0.0, (method, key)
@@ -83,18 +85,62 @@ def test_selection_is_argmax_of_id_val(run: tuple[dict, dict, str]) -> None:
     lp_best = max(r["val_accuracy"] for r in lp["sweep"])
     first = next(r for r in lp["sweep"] if r["val_accuracy"] == lp_best)
     assert lp["selected"]["C"] == first["C"]
-    # Ablations inherit their parent's selected lrs.
-    assert methods["daft_bn_only"]["selected"] == ft["selected"]
-    assert methods["daft_fast_head_only"]["selected"] == methods["daft"]["selected"]
+    # The ablations have sweeps of their own (no inherited lrs); every point is recorded with its lrs.
+    fast = methods["daft_fast_head_only"]
+    assert [(r["head_lr"], r["backbone_lr"]) for r in fast["sweep"]] == [(1.0, 0.001), (1.0, 0.01)]
     assert methods["daft"]["selected"] == {"head_lr": 0.01, "backbone_lr": 0.001}
+
+
+def test_comparisons_are_paired_over_seeds(run: tuple[dict, dict, str]) -> None:
+    """DAFT - X per seed, mean and 95 % t-interval; the interval contains the mean and follows the diffs."""
+    from scipy.stats import t
+
+    parsed = run[1]
+    assert parsed["settings"]["seeds"] == [0, 1, 2]
+    comps = parsed["comparisons"]
+    assert set(comps) == {f"daft - {m}" for m in ROWS - {"daft"}}
+    daft = {r["seed"]: r["metrics"] for r in parsed["methods"]["daft"]["per_seed"]}
+    ft = {r["seed"]: r["metrics"] for r in parsed["methods"]["ft"]["per_seed"]}
+    c = comps["daft - ft"]["ood_mean"]
+    expected = [daft[s]["acc.ood_mean"] - ft[s]["acc.ood_mean"] for s in (0, 1, 2)]
+    assert c["diffs"] == pytest.approx(expected) and c["mean"] == pytest.approx(sum(expected) / 3)
+    sd = float(__import__("numpy").std(expected, ddof=1))
+    half = t.ppf(0.975, 2) * sd / 3**0.5
+    assert c["ci95"] == pytest.approx([c["mean"] - half, c["mean"] + half])
+    assert c["includes_zero"] == (c["ci95"][0] <= 0 <= c["ci95"][1])
+    regime = parsed["regime"]
+    lp, ftm = (parsed["methods"][m]["summary"]["acc.ood_mean"]["mean"] for m in ("lp", "ft"))
+    assert regime["lp_beats_ft_ood"] == (lp > ftm)
+
+
+def test_wise_ft_rows_pick_alpha_on_val(run: tuple[dict, dict, str]) -> None:
+    for m in cm.FINETUNED:
+        wise = run[1]["methods"][m + cm.WISE]
+        for rec in wise["per_seed"]:
+            best = max(p["val_accuracy"] for p in rec["alpha_curve"])
+            first = next(p["alpha"] for p in rec["alpha_curve"] if p["val_accuracy"] == best)
+            assert rec["alpha"] == first  # ties: the smaller alpha
+            assert 0.0 <= rec["alpha"] <= 1.0
+
+
+def test_unpublished_lrs_need_a_variant_name() -> None:
+    argv = ["--preset", "digits", "--model", "tiny_cnn", "--weights", "none", "--input-size", "16",
+            "--max-train", "32", "--epochs", "1", "--seeds", "1", "--methods", "daft", "--no-wise-ft",
+            "--lr", "daft=0.01:0.01"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"much faster.*--variant daft=NAME"):
+        cm.main(argv)
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = cm.main([*argv, "--variant", "daft=equal-lrs"])
+    assert res["methods"]["daft"]["variant"] == "equal-lrs"
 
 
 def test_outputs_written(run: tuple[dict, dict, str]) -> None:
     prefix = pathlib.Path(run[2])
     data = json.loads(prefix.with_name(prefix.name + ".json").read_text())
-    assert set(data["methods"]) == ALL
+    assert set(data["methods"]) == ROWS
     md = prefix.with_name(prefix.name + ".md").read_text()
     assert "| daft |" in md and "Learning-rate selection" in md
+    assert "| daft - ft | 3 |" in md and "## Regime" in md
 
 
 def test_select_ignores_diverged_and_prefers_earliest() -> None:

@@ -63,12 +63,28 @@ def test_recipe_applies_the_lr_rule() -> None:
 def test_with_method_lrs_layers_on_top_by_the_same_rule() -> None:
     p = _params(daft={"start": "bn_converted", "head_lr": 0.3, "backbone_lr": 0.001})
     assert p.with_method_lrs("daft") is p
-    both = p.with_method_lrs("daft", lr=0.01).recipe("daft")
-    assert (both.head_lr, both.backbone_lr) == (0.01, 0.01)
+    both = p.with_method_lrs("daft", lr=1e-4, head_lr=0.1).recipe("daft")
+    assert (both.head_lr, both.backbone_lr) == (0.1, 1e-4)
     head = p.with_method_lrs("daft", head_lr=1.0).recipe("daft")
     assert (head.head_lr, head.backbone_lr) == (1.0, 0.001)
     with pytest.raises(ParamsError):
         p.with_method_lrs("daft", lr=-1.0)
+
+
+def test_unpublished_lrs_need_a_variant_name() -> None:
+    """DAFT with equal lrs is not DAFT: refused with the rule and the remedy, accepted when named."""
+    with pytest.raises(ParamsError, match=r"finetune.methods.daft: .*much faster.*variant: <name>"):
+        _params(daft={"start": "bn_converted", "lr": 0.01})
+    with pytest.raises(ParamsError, match="one learning rate"):
+        _params(ft={"start": "pretrained", "head_lr": 0.1, "backbone_lr": 0.01})
+    p = _params(daft={"start": "bn_converted", "lr": 0.01, "variant": "equal-lrs"})
+    assert p.method("daft").variant == "equal-lrs" and p.recipe("daft").head_lr == 0.01
+    with pytest.raises(ParamsError, match="variant"):  # a sweep point is checked by the same rule
+        _params(daft={"start": "bn_converted", "head_lr": 1.0, "backbone_lr": 1e-4}).with_method_lrs(
+            "daft", lr=0.01
+        )
+    with pytest.raises(ParamsError, match="pattern"):
+        _params(daft={"start": "bn_converted", "lr": 0.01, "variant": "Bad Name!"})
 
 
 def test_finetune_config_from_params() -> None:

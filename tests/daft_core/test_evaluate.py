@@ -173,7 +173,7 @@ def test_distortion_against_itself_and_after_perturbation(tiny_and_data) -> None
     assert pd["per_tensor"]["backbone.body.0.weight"]["relative"] > 0
     changed = {k for k, v in pd["per_module"].items() if v["l2"] > 0}
     assert changed == {"backbone.body.0"}
-    assert pd["skipped"] == ["head.bias", "head.weight"]
+    assert pd["skipped"] == ["head.bias", "head.weight"] and pd["head"] is None  # no comparable head
     assert pd == parameter_distance(moved, model)
 
 
@@ -194,3 +194,25 @@ def test_modes_restored_and_eval_mode_used(tiny_and_data) -> None:
     assert model.training and not model.backbone.body[1].training and model.backbone.training
     assert reference.training and all(m.training for m in reference.modules())
     assert torch.equal(model.backbone.body[1].running_mean, bn_stats)  # eval mode: BN stats untouched
+
+
+def test_parameter_distance_total_is_the_backbone_and_the_head_is_separate(tiny_and_data) -> None:
+    """An LP-like model (backbone untouched, head refit) has total 0 and a positive head distance."""
+    model, _ = tiny_and_data
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        probe.head.weight.add_(3.0)
+        probe.head.bias.sub_(1.0)
+    pd = parameter_distance(probe, model)
+    assert pd["total"]["l2"] == 0.0 and pd["total"]["relative"] == 0.0
+    n_head = probe.head.weight.numel() + probe.head.bias.numel()
+    assert pd["total"]["num_params"] == sum(p.numel() for p in probe.parameters()) - n_head
+    head_l2 = math.sqrt(3.0**2 * probe.head.weight.numel() + 1.0 * probe.head.bias.numel())
+    assert pd["head"]["l2"] == pytest.approx(head_l2) and pd["head"]["num_params"] == n_head
+    assert pd["head"]["relative"] > 0
+
+    with torch.no_grad():  # a backbone change shows in total, not in head
+        probe.backbone.body[0].weight.add_(0.5)
+    moved = parameter_distance(probe, model)
+    assert moved["total"]["l2"] == pytest.approx(0.5 * math.sqrt(probe.backbone.body[0].weight.numel()))
+    assert moved["head"] == pd["head"]

@@ -237,7 +237,7 @@ def _dvc_params() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, stage in stages.items():
         spec = stage.get("do", stage)
-        step = "evaluate" if name == "evaluate_lp" else name
+        step = "evaluate" if name.startswith("evaluate_") else name  # evaluate_lp, evaluate_wise_ft
         out.setdefault(step, []).extend(str(p) for p in spec.get("params", []))
     return out
 
@@ -262,10 +262,11 @@ STEP_MODULES = {
     "convert_bn": "components/convert_bn.py",
     "linear_probe": "components/linear_probe.py",
     "finetune": "components/finetune.py",
+    "wise_ft": "components/wise_ft.py",
     "evaluate": "components/evaluate.py",
     "report": "components/report.py",
 }
-SECTIONS = ("pipeline", "data", "model", "convert_bn", "linear_probe", "finetune", "evaluate")
+SECTIONS = ("pipeline", "data", "model", "convert_bn", "linear_probe", "finetune", "evaluate", "wise_ft")
 
 
 def _section_reads(source: str) -> set[str]:

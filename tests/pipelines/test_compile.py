@@ -591,3 +591,23 @@ def test_report_ui_artifacts_embed_plots_and_the_champions_confusion_matrix(tmp_
     empty = ClassificationMetrics(uri=str(tmp_path / "ui2" / "confusion_matrix"))
     publish_report_ui(str(out), summary, Markdown(uri=str(tmp_path / "ui2" / "report_md")), empty)
     assert "confusionMatrix" not in empty.metadata and "daft" in empty.metadata["note"]
+
+
+def test_sweep_points_must_be_the_published_method(tmp_path: Path) -> None:
+    """A DAFT sweep point with head lr <= backbone lr is refused unless the branch is a named variant."""
+    from components.params import params_from_dict
+    from pipelines.pipeline import sweep_points
+
+    params = load_params("params.yaml")
+    bad = {"daft": {"head_lr": [0.01], "backbone_lr": [0.01]}}
+    with pytest.raises(ValueError, match=r"sweep for 'daft': .*much faster.*variant"):
+        sweep_points(params, "daft", bad)
+    with pytest.raises(ValueError, match="much faster"):
+        _compile(tmp_path, "bad.yaml", sweep=True, sweep_grid=bad)
+    raw = params.model_dump(mode="json")
+    raw["finetune"]["methods"]["daft"]["variant"] = "equal-lrs"
+    named = params_from_dict(raw)
+    assert sweep_points(named, "daft", bad) == [{"head_lr": 0.01, "backbone_lr": 0.01}]
+    # The catalogue's own grids are all published points.
+    for method in ("ft", "lp_ft", "daft"):
+        assert sweep_points(params, method, {})

@@ -36,7 +36,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Prepared digits and the tiny pretrained model, once; params with 3 epochs of DAFT only."""
     torch.set_num_threads(1)
     wd = tmp_path_factory.mktemp("resume-store")
-    tree = tiny_params(finetune={"epochs": EPOCHS, "methods": {METHOD: {"start": "pretrained", "lr": 0.01}}})
+    tree = tiny_params(
+        finetune={
+            "epochs": EPOCHS,
+            "methods": {METHOD: {"start": "pretrained", "head_lr": 0.1, "backbone_lr": 0.01}},
+        }
+    )
     write_params(wd / "params.yaml", tree)
     params = params_from_dict(tree)
     prepare_data.run(params, wd / "data")
@@ -79,7 +84,7 @@ def test_a_retried_pod_on_a_fresh_disk_resumes_from_the_store(inputs: Path, s3: 
     prefix = f"resume-store/{uuid.uuid4().hex[:8]}"
     run_id = "kfp-run-1"
     env = {"DAFT_RESUME_URI": f"s3://{s3.bucket}/{prefix}", "DAFT_PIPELINE_RUN_ID": run_id}
-    key = f"{prefix}/{run_id}/{METHOD}/h0.01-b0.01/last.pt"
+    key = f"{prefix}/{run_id}/{METHOD}/h0.1-b0.01/last.pt"
     out = wd / "pod" / "model"
 
     killed = _step(wd, out, {**env, KILL_ENV: KILL_AFTER_UPLOAD})
