@@ -46,6 +46,7 @@ def publish_model(
     source: str | None = None,
     step: str | None = None,
     description: str | None = None,
+    alias: str | None = None,
 ) -> str | None:
     """The tail of every model-producing step: write `out_dir` atomically, then log and register the model.
 
@@ -57,7 +58,8 @@ def publish_model(
 
     The version's description (:func:`version_description`) says its stage, method, lineage, data (source
     and digest) and the params that made it; `description`, when given, is its first paragraph. The
-    registered model gets :func:`registered_model_description` while it has none.
+    registered model gets :func:`registered_model_description` while it has none. `alias` overrides the
+    catalogue alias of `alias_of` (a derived model, e.g. WiSE-FT's ``wise-ft-<method alias>``).
     """
     from daft_core.models import save_model
 
@@ -74,11 +76,12 @@ def publish_model(
     if not getattr(tracker, "enabled", False):
         return None
     lineage = source_version(params, source) if source else None
+    alias = alias or alias_for(alias_of)
     text = version_description(
         params,
         stage=stage,
         method=method,
-        alias=alias_for(alias_of),
+        alias=alias,
         bundle=bundle,
         data_digest=_run_data_digest(tracker),
         source=source,
@@ -91,7 +94,7 @@ def publish_model(
         registered_model=params.pipeline.registered_model,
         stage=stage,
         method=method,
-        alias=alias_for(alias_of),
+        alias=alias,
         input_example=input_example(bundle),
         source_version=lineage,
         description=f"{description.strip()}\n\n{text}" if description and description.strip() else text,

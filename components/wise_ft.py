@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from components.common import (
-    MODEL_FILE,
     StepError,
     Timer,
     base_parser,
@@ -28,16 +27,9 @@ from components.common import (
     tracked,
     write_json,
 )
-from components.outputs import check_output_dir, check_outputs, write_marker
+from components.outputs import check_outputs
 from components.params import Params
-from components.publish import (
-    _run_data_digest,
-    input_example,
-    registered_model_description,
-    source_version,
-    version_description,
-)
-from daft_core.atomic import atomic_dir
+from components.publish import publish_model
 from daft_core.methods import alias_for
 
 log = logging.getLogger(__name__)
@@ -166,47 +158,27 @@ def _publish(
     extra: dict[str, Any],
     reports: dict[str, Any],
 ) -> str | None:
-    """components.publish's tail with the WiSE-FT alias (publish_model takes its alias from the method
-    catalogue, which has no WiSE-FT entries): atomic output folder, then the model logged and registered
-    with the fine-tuned model's version as its lineage."""
-    from daft_core.models import save_model
-
-    check_output_dir(out_dir, STEP)  # again, in case it changed meanwhile
-    with atomic_dir(out_dir) as tmp:
-        write_marker(tmp, STEP)
-        save_model(model, tmp / MODEL_FILE, extra=extra)
-        for name, obj in reports.items():
-            write_json(tmp / name, obj)
-    if not getattr(tracker, "enabled", False):
-        return None
-    alias, lineage = wise_alias(method), source_version(params, method)
+    """publish_model with the WiSE-FT alias and the fine-tuned model's version as lineage."""
     wise = extra["wise_ft"]
     first = (
         f"WiSE-FT mix of `{method}` with its start `{wise['start']}`: "
         f"θ = {1 - wise['alpha']:g}·θ_start + {wise['alpha']:g}·θ_{method}, α chosen on ID val."
     )
-    text = version_description(
+    return publish_model(
+        tracker,
         params,
-        stage=STEP,
-        method=wise_method(method),
-        alias=alias,
-        bundle=bundle,
-        data_digest=_run_data_digest(tracker),
-        source=method,
-        source_version=lineage,
-        run_id=getattr(tracker, "run_id", None),
-        pipeline_run_id=getattr(tracker, "pipeline_id", None),
-    )
-    return tracker.log_model(
+        out_dir,
         model,
-        registered_model=params.pipeline.registered_model,
         stage=STEP,
         method=wise_method(method),
-        alias=alias,
-        input_example=input_example(bundle),
-        source_version=lineage,
-        description=f"{first}\n\n{text}",
-        registered_model_description=registered_model_description(params),
+        alias_of=method,
+        alias=wise_alias(method),
+        bundle=bundle,
+        extra=extra,
+        reports=reports,
+        source=method,
+        step=STEP,
+        description=first,
     )
 
 
