@@ -129,8 +129,9 @@ def test_logged_model_keeps_its_example_signature_and_outputs(tmp_path: Path, mo
     assert (model_dir / "serving_input_example.json").is_file()
     pinned = (model_dir / "requirements.txt").read_text().split()
     assert all(r in pinned for r in model_requirements())
-    info = mlflow.models.get_model_info(str(model_dir))
-    assert info.signature.outputs.inputs[0].shape == (-1, 3)
+    # The MLmodel file itself (get_model_info would ask whatever tracking server is set globally).
+    signature = mlflow.models.Model.load(str(model_dir)).signature
+    assert signature.outputs.inputs[0].shape == (-1, 3)
     loaded = mlflow.pytorch.load_model(str(model_dir))
     with torch.no_grad():
         assert torch.equal(loaded.eval()(example), model(example))
