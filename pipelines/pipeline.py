@@ -626,17 +626,21 @@ class _Dag:
         else:
             ft = self.launcher_task(method, {**inputs, **lrs})
         s.setdefault("finetuned", {})[method] = ft.outputs["model"]  # what wise() mixes with its start
+        return self.evaluate(s, method, ft, src("evaluate"))
+
+    def evaluate(self, s: dict[str, Any], method: str, producer: Any, params_src: Mapping[str, Any]):
+        """evaluate[method] of `producer`'s model (its summary output travels as ``finetune_info``)."""
         return self.task(
             "evaluate",
             self.c.evaluate,
             name=f"evaluate-{method}",
             **s["run"],
-            **src("evaluate"),
+            **params_src,
             method=method,
             dataset=s["dataset"],
-            model=ft.outputs["model"],
+            model=producer.outputs["model"],
             reference=s["pretrained"],
-            finetune_info=ft.outputs["Output"],
+            finetune_info=producer.outputs["Output"],
         )
 
     def wise(self, s: dict[str, Any], method: str):
@@ -651,17 +655,9 @@ class _Dag:
             **s["inputs"]("wise_ft", method=method, dataset=s["dataset"], start=start),
             finetuned=s["finetuned"][method],
         )
-        return self.task(
-            "evaluate",
-            self.c.evaluate,
-            name=f"evaluate-{name}",
-            **s["inputs"]("evaluate"),
-            method=name,
-            dataset=s["dataset"],
-            model=mix.outputs["model"],
-            reference=s["pretrained"],
-            finetune_info=mix.outputs["Output"],
-        ).outputs["evaluation"]
+        return self.evaluate(s, name, mix, {"params_json": s["resolved"].outputs["evaluate"]}).outputs[
+            "evaluation"
+        ]
 
     def final(self, s: dict[str, Any], step: str, evaluations: Mapping[str, Any]):
         # report and select_best read the same sections (STEP_PARAMS["report"]: only `pipeline`)

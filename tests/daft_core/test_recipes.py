@@ -25,8 +25,8 @@ def test_all_methods_present_and_named_consistently() -> None:
         ("lp", False, "random", False, "eval"),
         ("lp_ft", False, "probe", True, "eval"),
         ("daft", True, "zero", True, "train"),
-        ("daft_bn_only", True, "random", True, "train"),
-        ("daft_fast_head_only", False, "zero", True, "train"),
+        ("daft_bn_only", True, "zero", True, "eval"),  # official only_bn_conversion
+        ("daft_fast_head_only", False, "zero", True, "eval"),  # official fast head only
     ],
 )
 def test_recipe_semantics(
@@ -53,9 +53,9 @@ def test_learning_rate_structure() -> None:
 
 
 def test_get_recipe_applies_overrides_without_touching_registry() -> None:
-    r = get_recipe("daft", head_lr=1.0, backbone_lr=1e-5)
-    assert (r.name, r.head_lr, r.backbone_lr, r.convert_bn) == ("daft", 1.0, 1e-5, True)
-    assert RECIPES["daft"].head_lr != 1.0
+    r = get_recipe("daft", head_lr=3.0, backbone_lr=1e-5)
+    assert (r.name, r.head_lr, r.backbone_lr, r.convert_bn) == ("daft", 3.0, 1e-5, True)
+    assert RECIPES["daft"].head_lr != 3.0
     assert get_recipe("ft") == RECIPES["ft"]
 
 
