@@ -73,7 +73,7 @@ from daft_core.atomic import atomic_file
 from daft_core.data import iterate_batches, load_preset
 from daft_core.devices import resolve_device
 from daft_core.evaluate import evaluate
-from daft_core.methods import FINETUNED_METHODS, METHOD_ORDER, METHODS, LrPair, get_recipe
+from daft_core.methods import FINETUNED_METHODS, METHOD_ORDER, METHODS, LrPair, get_recipe, parse_lrs
 from daft_core.models import build_model
 from daft_core.probe import LOGSPACE_CS, extract_features, fit_linear_probe
 from daft_core.selection import best_index
@@ -99,25 +99,6 @@ def default_lrs(params: Params, method: str) -> LrPair:
 # ------------------------------------------------------------------------------------------------ args
 
 
-def _parse_lrs(method: str, spec: str) -> list[LrPair]:
-    out: list[LrPair] = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if ":" in item:
-            h, b = item.split(":", 1)
-            pair = (float(h), float(b))
-        else:
-            pair = (float(item), float(item))
-        if not all(math.isfinite(v) and v >= 0 for v in pair):
-            raise ValueError(f"{method}: learning rates must be finite and >= 0, got {item!r}")
-        out.append(pair)
-    if not out:
-        raise ValueError(f"{method}: empty learning-rate list")
-    return out
-
-
 def _method_map(items: Sequence[str] | None, flag: str) -> dict[str, list[LrPair]]:
     out: dict[str, list[LrPair]] = {}
     for item in items or ():
@@ -125,7 +106,7 @@ def _method_map(items: Sequence[str] | None, flag: str) -> dict[str, list[LrPair
         method = method.strip()
         if not sep or method not in FINETUNED:
             raise SystemExit(f"{flag} {item!r}: expected METHOD=LRS with METHOD in {', '.join(FINETUNED)}")
-        out[method] = _parse_lrs(method, spec)
+        out[method] = parse_lrs(spec, method)
     return out
 
 

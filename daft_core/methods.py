@@ -9,6 +9,7 @@ read it; adding a method is one entry here (plus tests).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -173,6 +174,24 @@ METHODS: MappingProxyType[str, Method] = MappingProxyType({m.name: m for m in _C
 METHOD_ORDER: tuple[str, ...] = tuple(METHODS)
 FINETUNED_METHODS: tuple[str, ...] = tuple(m.name for m in _CATALOGUE if m.finetuned)
 RECIPES: MappingProxyType[str, Recipe] = MappingProxyType({m.name: m.recipe for m in _CATALOGUE})
+
+
+def parse_lrs(text: str, what: str = "learning rates") -> list[LrPair]:
+    """``0.1,0.3`` (one lr for both groups) or ``1:1e-4,3:1e-4`` (head:backbone) as (head, backbone)
+    pairs: the grid syntax of ``pipelines.dvc_sweep --grid`` and the benchmark's ``--grid``/``--lr``."""
+    out: list[LrPair] = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        head, sep, backbone = item.partition(":")
+        try:
+            pair = (float(head), float(backbone if sep else head))
+        except ValueError:
+            raise ValueError(f"{what}: {item!r} is not LR or HEAD:BACKBONE") from None
+        if not all(math.isfinite(v) and v >= 0 for v in pair):
+            raise ValueError(f"{what}: learning rates must be finite and >= 0, got {item!r}")
+        out.append(pair)
+    if not out:
+        raise ValueError(f"{what}: empty learning-rate list")
+    return out
 
 
 def get_method(name: str) -> Method:

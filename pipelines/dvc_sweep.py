@@ -17,23 +17,9 @@ from collections.abc import Sequence
 
 from components.common import cli
 from components.params import DEFAULT_PARAMS, load_params
-from daft_core.methods import FINETUNED_METHODS, METHODS
+from daft_core.methods import FINETUNED_METHODS, METHODS, parse_lrs
 
-__all__ = ["exp_commands", "main", "parse_grid"]
-
-
-def parse_grid(method: str, text: str) -> list[tuple[float, float]]:
-    """`0.1,0.3` (one lr for both groups) or `1.0:1e-4,3:1e-4` (head:backbone) as (head, backbone) pairs."""
-    points = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        head, sep, backbone = item.partition(":")
-        try:
-            points.append((float(head), float(backbone if sep else head)))
-        except ValueError:
-            raise ValueError(f"--grid for {method!r}: {item!r} is not LR or HEAD:BACKBONE") from None
-    if not points:
-        raise ValueError(f"--grid for {method!r} is empty")
-    return points
+__all__ = ["exp_commands", "main"]
 
 
 def exp_commands(
@@ -48,7 +34,7 @@ def exp_commands(
             f"{method} has no branch in {params_path}: add finetune.methods.{method} (with its `start`) first"
         )
     m = METHODS[method]
-    points = parse_grid(method, grid) if grid else list(m.grid)
+    points = parse_lrs(grid, f"--grid for {method!r}") if grid else list(m.grid)
     variant = params.finetune.methods[method].variant
     commands = []
     for head, backbone in points:

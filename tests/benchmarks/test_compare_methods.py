@@ -151,7 +151,6 @@ def test_select_ignores_diverged_and_prefers_earliest() -> None:
 
 
 def test_grid_parsing() -> None:
-    assert cm._parse_lrs("ft", "0.01,0.1") == [(0.01, 0.01), (0.1, 0.1)]
-    assert cm._parse_lrs("daft", "0.01:0.001") == [(0.01, 0.001)]
+    assert cm._method_map(["daft=0.01:0.001"], "--grid") == {"daft": [(0.01, 0.001)]}
     with pytest.raises(SystemExit):
         cm._method_map(["nope=0.1"], "--grid")

@@ -17,6 +17,7 @@ from daft_core.methods import (
     alias_for,
     display_order,
     get_recipe,
+    parse_lrs,
 )
 from daft_core.recipes import Recipe
 
@@ -108,3 +109,11 @@ def test_get_recipe_overrides() -> None:
     assert r.head_lr == 3.0 and RECIPES["daft"].head_lr != 3.0
     with pytest.raises(ValueError, match="Unknown recipe"):
         get_recipe("daftt")
+
+
+def test_lr_grid_syntax() -> None:
+    assert parse_lrs("0.01, 0.1") == [(0.01, 0.01), (0.1, 0.1)]
+    assert parse_lrs("1:1e-4,3:1e-4") == [(1.0, 1e-4), (3.0, 1e-4)]
+    for bad, match in (("x", "not LR"), ("-1", ">= 0"), ("", "empty"), ("nan", "finite")):
+        with pytest.raises(ValueError, match=match):
+            parse_lrs(bad, "--grid")
