@@ -31,10 +31,16 @@ class Killed(Exception):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports (all held open while choosing, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _start_state(path: Path) -> None:
@@ -76,12 +82,12 @@ def _record_or_die(seen: list[int], kill_after: int | None, record: dict[str, An
         raise Killed
 
 
-def _worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
+def _worker(rank: int, world: int, ports: list[int], job: dict[str, Any]) -> None:
     """One rank, launched as torchrun would (the group comes from the environment), running ``job["runs"]``
     one after another; with ``job["own_group"]`` it initialises the group itself, as a library caller may."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        MASTER_PORT=str(ports[0]),
         RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
@@ -90,7 +96,10 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any]) -> None:
     if job.get("own_group"):
         torch.distributed.init_process_group("gloo")
     outcomes = []
-    for run in job["runs"]:
+    for i, run in enumerate(job["runs"]):
+        # A fresh rendezvous port per session: a rank that starts the next run while the other still
+        # tears down the previous group must not find (and wait on) the old store.
+        os.environ["MASTER_PORT"] = str(ports[i])
         seen: list[int] = []
         callback = functools.partial(_record_or_die, seen, run.get("kill_after"))
         try:
@@ -121,7 +130,8 @@ def _spawn(
     out = tmp / "outcomes"
     out.mkdir(exist_ok=True)
     job = {"out": str(out), "start": str(start), "recipe": recipe, "config": config, "runs": runs, **job}
-    mp.spawn(_worker, args=(2, _free_port(), job), nprocs=2, join=True)
+    ports = _free_ports(len(runs))
+    mp.spawn(_worker, args=(2, ports, job), nprocs=2, join=True)
     per_rank = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     return [list(pair) for pair in zip(*per_rank, strict=True)]
 
