@@ -361,6 +361,13 @@ def test_keyboard_interrupt_in_process(capsys) -> None:
     assert_one_error(rc, capsys.readouterr().err, "interrupted", status=130)
 
 
+def _as_from_a_terminal() -> None:
+    """The child gets Ctrl-C as a shell would deliver it: SIGINT unblocked and not ignored. (Earlier tests
+    in the same pytest process can leave SIGINT ignored or blocked, and both are inherited across exec.)"""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_exits_130_with_one_line(tmp_path: Path) -> None:
     code = (
         "import time\n"
@@ -376,6 +383,7 @@ def test_sigint_exits_130_with_one_line(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
