@@ -17,7 +17,6 @@ import ast
 import hashlib
 import inspect
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,11 @@ from components.params import load_params, params_from_dict
 from pipelines import components as kfp_components
 from pipelines.components import COMMON_PARAMS, STEP_PARAMS, split_params, step_setup, step_tree
 from pipelines.pipeline import PipelineOptions, compile_pipeline
+from tests.pipelines.artifacts import Art
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example.com/ml/daft-pipeline:1.2.3"
 UPSTREAM = ("prepare-data", "pretrained", "convert-bn", "linear-probe")
-
-
-@dataclass
-class Art:
-    """A stand-in for a KFP artifact (a path and metadata)."""
-
-    path: str
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _compile(tmp_path: Path, name: str, overrides: dict[str, Any], **opts: Any) -> tuple[dict, dict]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +24,12 @@ from components.params import params_from_dict, params_to_json
 from components.tracking import StepTracker
 from pipelines import components as kfp_components
 from pipelines.cli import main as cli_main
+from tests.pipelines.artifacts import Art
 from tests.pipelines.test_submit import TOKEN, FakeKfp, kfp_server  # noqa: F401  (kfp_server: a fixture)
 from tests.tiny_params import tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[2]
 POD = {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}
-
-
-@dataclass
-class Art:
-    """A stand-in for a KFP artifact: a path, a metadata dict and log_metric."""
-
-    path: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def log_metric(self, name: str, value: float) -> None:
-        self.metadata[name] = value
 
 
 def _ui(root: Path) -> dict[str, Any]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from components.params import load_params
 from daft_core.methods import FINETUNED_METHODS
 from pipelines import components as comps
 from pipelines.pipeline import PipelineOptions, build_pipeline, compile_pipeline
+from tests.pipelines.artifacts import Art
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example.com/ml/daft-pipeline:1.2.3"
@@ -75,17 +74,6 @@ def test_sweep_with_wise_ft_is_a_clear_error() -> None:
     params = load_params(ROOT / "params.yaml", {"wise_ft.methods": ["ft"]})
     with pytest.raises(ValueError, match=r"wise_ft\.methods is not supported by the sweep pipeline"):
         build_pipeline(params, PipelineOptions(image=IMAGE, sweep=True))
-
-
-@dataclass
-class Art:
-    """A stand-in for a KFP artifact: a path, a metadata dict and log_metric."""
-
-    path: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def log_metric(self, name: str, value: float) -> None:
-        self.metadata[name] = value
 
 
 def test_wrapper_bodies_wise_then_evaluate_then_report(tmp_path: Path, monkeypatch) -> None:
