@@ -1,6 +1,6 @@
 """Wall time of a cold `dvc repro` (every stage runs), in a temporary copy of a working tree.
 
-    python -m benchmarks.repro_time [--source .] [--runs 3] [--keep] [--json out.json]
+    python -m benchmarks.repro_time [--source .] [--runs 3] [--warm on|off|both] [--keep] [--json out.json]
 
 Each run copies `--source`'s working tree as it is (tracked and untracked, not ignored files, so uncommitted
 changes are measured too) into a fresh temporary git repository, runs `dvc repro` there with a fresh
@@ -63,8 +63,14 @@ def copy_tree(source: Path, dest: Path) -> None:
         subprocess.run([*git, *cmd], cwd=dest, check=True, capture_output=True)
 
 
-def timed_repro(source: Path, keep: bool) -> dict[str, float]:
-    """One cold `dvc repro` of a copy of `source`: seconds per stage and ``total``."""
+def timed_repro(source: Path, keep: bool, warm: bool = True) -> dict[str, float]:
+    """One cold `dvc repro` of a copy of `source`: seconds per stage and ``total``.
+
+    With ``warm``, the stages use warm start (components/warm_start.py) with a socket folder of this run's
+    own, so no server from an earlier run is reused; the server is stopped at the end and its CPU time
+    (the imports it did once for all stages) is reported as ``cpu:warm-start server``. Without, every
+    stage imports everything itself (``DAFT_WARM_START=0``).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="repro_time_"))
     hook = Path(tempfile.mkdtemp(prefix="repro_time_hook_"))
     try:
@@ -79,6 +85,8 @@ def timed_repro(source: Path, keep: bool) -> dict[str, float]:
             "REPRO_TIME_CPU_LOG": str(cpu_log),
             "DAFT_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",  # DVC and the stages write through a pipe: timestamp lines as they come
+            "DAFT_WARM_START": "" if warm else "0",
+            "DAFT_WARM_DIR": str(hook / "warm"),
         }
         env.pop("MLFLOW_TRACKING_URI", None)  # the copy's own sqlite:///mlflow.db, empty
         dvc = str(Path(bindir) / "dvc")
@@ -102,6 +110,10 @@ def timed_repro(source: Path, keep: bool) -> dict[str, float]:
                     starts.append((m.group(1), time.time()))
             rc = proc.wait()
         end = time.perf_counter()
+        if (hook / "warm").is_dir():  # the server's CPU is recorded when it exits
+            from components.warm_start import stop_servers
+
+            stop_servers(hook / "warm")
         if current is not None:
             times[current[0]] = end - current[1]
         if rc != 0:
@@ -126,6 +138,9 @@ def _stage_cpu(cpu_log: Path, starts: list[tuple[str, float]]) -> dict[str, floa
         total += rec["cpu"]
         if not any("components" in str(a) for a in rec["argv"]):
             continue
+        if any("warm_start" in str(a) for a in rec["argv"]):
+            out["cpu:warm-start server"] = out.get("cpu:warm-start server", 0.0) + rec["cpu"]
+            continue
         stage = [name for name, t in starts if t <= rec["end"]]
         if stage:
             out[f"cpu:{stage[-1]}"] = out.get(f"cpu:{stage[-1]}", 0.0) + rec["cpu"]
@@ -139,14 +154,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="cold repros per source, interleaved")
     p.add_argument("--keep", action="store_true", help="keep the temporary copies (and their repro.log)")
     p.add_argument("--json", default=None, help="write all runs and medians here")
+    p.add_argument(
+        "--warm",
+        choices=("on", "off", "both"),
+        default="on",
+        help="warm start for the stages (the default under DVC); both: interleave runs with and without",
+    )
     args = p.parse_args(argv)
     sources = [Path(s).resolve() for s in (args.source or ["."])]
-    runs: dict[str, list[dict[str, float]]] = {str(s): [] for s in sources}
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.warm]
+    variants = [(s, w, f"{s} (warm start {'on' if w else 'off'})") for s in sources for w in modes]
+    runs: dict[str, list[dict[str, float]]] = {name: [] for _, _, name in variants}
     for i in range(args.runs):
-        for s in sources:
-            t = timed_repro(s, args.keep)
-            runs[str(s)].append(t)
-            print(f"{s} run {i + 1}: total {t['total']:.1f} s, CPU {t['cpu_total']:.1f} s", flush=True)
+        for s, warm, name in variants:
+            t = timed_repro(s, args.keep, warm)
+            runs[name].append(t)
+            print(f"{name} run {i + 1}: total {t['total']:.1f} s, CPU {t['cpu_total']:.1f} s", flush=True)
     result = {}
     for s, rs in runs.items():
         stages = list(dict.fromkeys(k for r in rs for k in r))
@@ -158,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             if not k.startswith("cpu"):
                 cpu = med["cpu_total"] if k == "total" else med.get(f"cpu:{k}", 0.0)
                 print(f"  {k:24s} {v:7.1f} {cpu:7.1f}")
+        if "cpu:warm-start server" in med:
+            print(f"  {'(warm-start server)':24s} {'':>7s} {med['cpu:warm-start server']:7.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -10,10 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from components.warm_start import stop_servers
 from tests.servers import MlflowServer
 from tests.tiny_params import tiny_params, write_params
 
@@ -61,11 +63,18 @@ def _digest(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def project(
     tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer
-) -> tuple[Path, dict[str, str]]:
+) -> Iterator[tuple[Path, dict[str, str]]]:
     repo = tmp_path_factory.mktemp("repo")
+    warm = tmp_path_factory.mktemp("warm")  # this module's warm-start servers (the stages run under DVC)
+    os.chmod(warm, 0o700)
     tree = tiny_params(pipeline={"tracking": True, "experiment": "daft-e2e", "registered_model": "daft-e2e"})
-    env = git_project(repo, tree, {**mlflow_server.s3.env, "MLFLOW_TRACKING_URI": mlflow_server.uri})
-    return repo, env
+    env = git_project(
+        repo,
+        tree,
+        {**mlflow_server.s3.env, "MLFLOW_TRACKING_URI": mlflow_server.uri, "DAFT_WARM_DIR": str(warm)},
+    )
+    yield repo, env
+    stop_servers(warm)
 
 
 def git_project(
@@ -98,7 +107,7 @@ def first_repro(project: tuple[Path, dict[str, str]]) -> str:
 
 
 def test_repro_runs_every_stage_and_writes_outputs(project, first_repro: str) -> None:
-    repo, _ = project
+    repo, env = project
     assert _stages_run(first_repro) >= {
         "prepare_data",
         "pretrained",
@@ -118,6 +127,11 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro: str) ->
         assert 0 <= m["id_test_accuracy"] <= 1 and set(m["ood"]) == {"printed", "corrupted"}
     assert (repo / "reports/id_vs_ood.png").stat().st_size > 1000
     assert (repo / "dvc.lock").is_file()
+    # Warm start: the first stage started a server, later ones ran in its workers (the registry and
+    # lineage checks below read what those workers tracked).
+    logs = "".join(p.read_text() for p in Path(env["DAFT_WARM_DIR"]).glob("*.log"))
+    ran = re.findall(r"worker \d+ \((components\.\w+)\) exit 0", logs)
+    assert "components.report" in ran and len(ran) >= 8, logs
 
 
 def test_second_repro_runs_nothing(project, first_repro: str) -> None:

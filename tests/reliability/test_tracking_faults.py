@@ -143,7 +143,7 @@ def test_dvc_exp_run_temp_keeps_its_runs(tmp_path: Path) -> None:
     repo.mkdir()
     experiment = "daft-exp-temp"
     params = tiny_params(pipeline={"tracking": True, "experiment": experiment})
-    env = git_project(repo, params, {}, drop=("MLFLOW_", "DAFT_", "DVC_"))
+    env = git_project(repo, params, {"DAFT_WARM_START": "0"}, drop=("MLFLOW_", "DAFT_", "DVC_"))
     out = _run([str(BIN / "dvc"), "exp", "run", "--temp", "prepare_data"], repo, env, timeout=600)
     assert "Ran experiment" in out, out[-3000:]
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "a store inside the temp workspace"

@@ -1,0 +1,607 @@
+"""Warm start for local pipeline runs: steps forked from an interpreter that has already imported torch.
+
+Each `dvc repro` stage is a new Python process, and each spends 4-5 s importing torch, torchvision (through
+timm, which pulls in ``torch._dynamo``) and MLflow's SQL store before it does 1-15 s of work: a third of a
+cold default repro. Under DVC (``DVC_STAGE`` is set) a step therefore hands its command line to a per-user
+server that holds those third-party modules imported and forks one worker per step, the way PyTorch's
+DataLoader forks workers. The worker takes the client's stdin/stdout/stderr (passed over a Unix socket),
+working directory, environment, ``sys.path``, ``sys.argv`` and umask, imports the project's own code fresh
+(the server never imports ``components``' steps or ``daft_core``, so an edited step is always the edited
+step), runs the step as ``python -m`` would, and its exit status (128 + N for a signal) becomes the
+client's. Ctrl-C, SIGTERM and SIGHUP sent to the client are passed on to the worker; a client that dies
+takes its worker with it.
+
+The first stage starts the server in the background and runs in-process itself; later stages use the
+server. A server serves only clients whose interpreter, ``sys.path``, environment (apart from DVC's
+per-stage variables) and installed packages equal its own; any difference starts another. A server exits
+after ``DAFT_WARM_IDLE`` seconds (default 60) without a step. Anything that goes wrong before a worker
+starts (no server yet, an unusable socket folder, a refused connection) runs the step in-process, as
+without warm start.
+
+Switches: ``DAFT_WARM_START=0`` never uses a server; ``DAFT_WARM_START=1`` also outside DVC. Never in a
+Kubernetes pod (one step per pod) or under torchrun. ``DAFT_WARM_DIR`` is the socket folder (default
+``$XDG_RUNTIME_DIR/daft-warm`` or ``<tmp>/daft-warm-<uid>``; it must be owned by the user and closed to
+others). ``python -m components.warm_start status|stop`` lists or stops the servers there.
+
+This module imports only the standard library: it runs before any heavy import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+PROTOCOL = 1
+SWITCH = "DAFT_WARM_START"
+DIR_VAR = "DAFT_WARM_DIR"
+IDLE_VAR = "DAFT_WARM_IDLE"
+WORKER_VAR = "DAFT_WARM_WORKER"  # set in a worker: a step it starts runs in-process, never recursively
+DEFAULT_IDLE_S = 60.0
+# What every model-building step imports before its first line of work (~4.5 s on the 2-core machine).
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torchvision",
+    "timm",
+    "PIL.Image",
+    "yaml",
+    "pydantic",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.pytorch",
+)
+# The project's own packages: imported by each worker from the client's sys.path, never kept warm.
+OWN_PACKAGES = ("components", "daft_core", "pipelines", "benchmarks", "tests")
+# Environment variables that differ between the stages of one run, or between shells, and matter to no
+# import (DVC_* and DAFT_WARM_* are left out too). Every other variable must match the server's.
+_PER_STAGE_ENV = (
+    *("PWD", "OLDPWD", "SHLVL", "_"),
+    *("PS1", "PS2", "PS3", "PS4", "PROMPT_COMMAND", "COLUMNS", "LINES"),
+)
+_FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_HEADER = struct.Struct("!I")
+_MAX_REQUEST = 16 << 20
+
+
+# --------------------------------------------------------------------------------------------------
+# When, and which server
+# --------------------------------------------------------------------------------------------------
+
+
+def enabled(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether this step process should try a warm server (see the module docstring for the rules)."""
+    switch = environ.get(SWITCH, "").strip().lower()
+    if switch in ("0", "false", "no", "off"):
+        return False
+    if environ.get(WORKER_VAR) or environ.get("KUBERNETES_SERVICE_HOST"):
+        return False
+    if environ.get("TORCHELASTIC_RUN_ID") or environ.get("LOCAL_RANK") is not None:
+        return False
+    if not (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")):
+        return False
+    return switch in ("1", "true", "yes", "on") or "DVC_STAGE" in environ
+
+
+def socket_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    if environ.get(DIR_VAR):
+        return Path(environ[DIR_VAR])
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "daft-warm"
+    return Path(tempfile.gettempdir()) / f"daft-warm-{os.getuid()}"
+
+
+def _private_dir(path: Path) -> Path:
+    """`path`, created 0700 if missing; an error if it is a link, someone else's, or open to others."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise OSError(f"{path} is not a folder")
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OSError(f"{path} must be owned by uid {os.getuid()} and closed to others (chmod 700)")
+    return path
+
+
+def server_key(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """What a server must share with a client: interpreter, sys.path, environment, installed packages."""
+    env = {
+        k: v for k, v in environ.items() if not (k.startswith(("DVC_", "DAFT_WARM_")) or k in _PER_STAGE_ENV)
+    }
+    packages = {}
+    for name in PRELOAD:
+        try:
+            spec = importlib.util.find_spec(name.split(".")[0])
+        except (ImportError, ValueError):
+            spec = None
+        origin = spec.origin if spec is not None else None
+        packages[name] = [origin, os.stat(origin).st_mtime_ns if origin and os.path.exists(origin) else None]
+    identity = {
+        "protocol": PROTOCOL,
+        "server_code": os.stat(__file__).st_mtime_ns,
+        "executable": sys.executable,
+        "version": sys.version,
+        "path": sys.path[1:],  # [0] is the client's own folder (python -m), set per worker
+        "env": sorted(env.items()),
+        "packages": packages,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------
+# Client: the step process that DVC started
+# --------------------------------------------------------------------------------------------------
+
+
+def delegate(module: str | None = None) -> int | None:
+    """Run this process's step in a warm worker and return its exit status, or None to run it here.
+
+    For processes started as ``python -m <module>`` (the steps' ``main``); returns None whenever no worker
+    could be started.
+    """
+    if not enabled():
+        return None
+    if module is None:
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", None)
+    if not module:
+        return None
+    try:
+        directory = _private_dir(socket_dir())
+        key = server_key()
+    except OSError:
+        return None
+    path = directory / f"{key}.sock"
+    sock = _connect(path)
+    if sock is None:
+        _start_server(directory, key)
+        return None
+    with sock:
+        return _run_in_worker(sock, module)
+
+
+def _connect(path: Path) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _send_message(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    data = json.dumps(payload).encode()
+    if fds:
+        socket.send_fds(sock, [_HEADER.pack(len(data))], list(fds))
+        sock.sendall(data)
+    else:
+        sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _run_in_worker(sock: socket.socket, module: str) -> int | None:
+    request = {
+        "op": "run",
+        "module": module,
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "env": dict(os.environ),
+        "path": sys.path,
+        "umask": _current_umask(),
+    }
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        _send_message(sock, request, fds=(0, 1, 2))
+        lines = _lines(sock)
+        first = next(lines, "")
+    except OSError:
+        return None
+    if not first.startswith("started "):
+        return None  # refused before anything ran: run here
+    pid = int(first.split()[1])
+    previous = {}
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in _FORWARDED_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            previous[signum] = signal.signal(signum, forward)
+    try:
+        for line in lines:
+            if line.startswith("exit "):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print(
+        f"error: the warm-start server ({sock.getpeername()}) went away while step {module} ran in its "
+        f"worker {pid}; its outcome is unknown. Fix: rerun the step; set {SWITCH}=0 to run steps without it.",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1
+
+
+def _lines(sock: socket.socket) -> Iterator[str]:
+    """Newline-terminated messages from the server, retrying reads interrupted by a forwarded signal."""
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            try:
+                chunk = sock.recv(4096)
+            except InterruptedError:
+                continue
+            if not chunk:
+                return
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        yield line.decode()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _start_server(directory: Path, key: str) -> None:
+    """Start the server for `key` in the background (it deduplicates itself through a lock)."""
+    with contextlib.suppress(OSError):
+        log = open(directory / f"{key}.log", "ab")  # noqa: SIM115 - handed to the child
+        with log:
+            subprocess.Popen(
+                [sys.executable, "-m", __spec__.name, "serve", "--dir", str(directory), "--key", key],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # not in DVC's process group: Ctrl-C on the repro is not for it
+                close_fds=True,
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------------
+
+
+class _Server:
+    def __init__(self, directory: Path, key: str, idle_s: float) -> None:
+        self.directory, self.key, self.idle_s = directory, key, idle_s
+        self.path = directory / f"{key}.sock"
+        self.selector = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.children: dict[int, tuple[socket.socket, Any]] = {}  # pid -> (client connection, pidfd)
+        self.started: dict[int, tuple[str, float]] = {}  # pid -> (module, start), for the log
+        self.last_active = time.monotonic()
+        self.stopping = False
+        self.lock: io.TextIOWrapper | None = None
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def serve(self) -> int:
+        lock = self.lock = open(self.directory / f"{self.key}.lock", "a")  # noqa: SIM115 - held while serving
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # another server for this key is starting or running
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        started = time.monotonic()
+        for name in PRELOAD:
+            __import__(name)
+        import threading
+
+        if threading.active_count() != 1:  # a Python thread would be lost (and its locks held) in a fork
+            print(f"warm start: {threading.active_count()} threads after preloading; not serving", flush=True)
+            return 1
+        own = sorted(m for m in sys.modules if m.split(".")[0] in ("daft_core", "pipelines"))
+        if own:
+            print(f"warm start: the preload imported project modules {own[:3]}; not serving", flush=True)
+            return 1
+        tmp = self.path.with_name(f"{self.key}.{os.getpid()}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(tmp))
+        self.listener.listen(16)
+        os.replace(tmp, self.path)  # clients only ever see a listening socket
+        ino = os.stat(self.path).st_ino
+        (self.directory / f"{self.key}.pid").write_text(f"{os.getpid()}\n")
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.last_active = time.monotonic()  # idle from now, not from before the preload
+        preload_s = time.monotonic() - started
+        print(f"warm start: serving {self.path} (preloaded in {preload_s:.1f} s)", flush=True)
+        try:
+            self._loop()
+        finally:
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == ino:
+                    self.path.unlink()
+            with contextlib.suppress(OSError):
+                (self.directory / f"{self.key}.pid").unlink()
+        return 0
+
+    def _loop(self) -> None:
+        while True:
+            if self.stopping and not self.children:
+                return
+            if not self.children and time.monotonic() - self.last_active > self.idle_s:
+                return
+            polled = any(fd is None for _, fd in self.children.values())
+            for key, _ in self.selector.select(timeout=0.05 if polled else 0.5):
+                kind = key.data
+                if kind == "accept":
+                    if not self.stopping:
+                        self._accept()
+                elif kind[0] == "exit":
+                    self._reap(kind[1])
+                elif kind[0] == "client":
+                    self._client_readable(kind[1], key.fileobj)
+            for pid in [p for p, (_, fd) in self.children.items() if fd is None]:
+                self._reap(pid, block=False)  # no pidfd on this system: poll
+
+    # -- one step --------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        try:
+            if hasattr(socket, "SO_PEERCRED"):
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                if struct.unpack("3i", creds)[1] != os.getuid():
+                    raise OSError("a client of another user")
+            conn.settimeout(10.0)
+            request, fds = _receive_request(conn)
+            conn.settimeout(None)
+        except (OSError, ValueError) as err:
+            print(f"warm start: dropped a client: {err}", flush=True)
+            conn.close()
+            return
+        if request.get("op") != "run" or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:  # the worker
+            try:
+                code = _worker(self, conn, request, fds)
+            except BaseException:  # a worker must never return into the server's loop
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        self.last_active = time.monotonic()
+        self.started[pid] = (request["module"], time.monotonic())
+        print(f"warm start: worker {pid} runs {request['module']} in {request['cwd']}", flush=True)
+        with contextlib.suppress(OSError):
+            conn.sendall(f"started {pid}\n".encode())
+        pidfd = None
+        if hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(pid)
+                self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
+        self.selector.register(conn, selectors.EVENT_READ, ("client", pid))
+        self.children[pid] = (conn, pidfd)
+
+    def _client_readable(self, pid: int, conn: Any) -> None:
+        try:
+            data = conn.recv(1024)
+        except OSError:
+            data = b""
+        if not data and pid in self.children:  # the client is gone: so must its worker be
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            self.selector.unregister(conn)
+
+    def _reap(self, pid: int, block: bool = True) -> None:
+        try:
+            done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, 1 << 8
+        if done == 0:
+            return
+        conn, pidfd = self.children.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+        module, t0 = self.started.pop(pid, ("?", time.monotonic()))
+        took = time.monotonic() - t0
+        print(f"warm start: worker {pid} ({module}) exit {code} after {took:.1f} s", flush=True)
+        with contextlib.suppress(OSError):
+            conn.sendall(f"exit {code}\n".encode())
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
+        if pidfd is not None:
+            self.selector.unregister(pidfd)
+            os.close(pidfd)
+        self.last_active = time.monotonic()
+
+
+def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
+    if len(head) != _HEADER.size:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("short request header")
+    (size,) = _HEADER.unpack(head)
+    if size > _MAX_REQUEST:
+        raise ValueError(f"request of {size} bytes")
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ValueError("truncated request")
+        data += chunk
+    return json.loads(data), fds
+
+
+def _worker(server: _Server, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> int:
+    """In the forked child: become the client's process, run its step, return its exit status."""
+    server.selector.close()
+    if server.lock is not None:
+        server.lock.close()  # the lock is the server's: a new server may start while this step runs
+    for c, pidfd in server.children.values():
+        c.close()
+        if pidfd is not None:
+            os.close(pidfd)
+    if server.listener is not None:
+        server.listener.close()
+    conn.close()
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    _reopen_stdio()
+    os.chdir(request["cwd"])
+    os.umask(int(request["umask"]))
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ[WORKER_VAR] = "1"
+    sys.path[:] = request["path"]
+    sys.argv[:] = request["argv"]
+    for name in [m for m in sys.modules if m.split(".")[0] in OWN_PACKAGES]:
+        del sys.modules[name]
+    import runpy
+
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as done:
+        code = _exit_code(done.code)
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except BaseException:  # as the interpreter would: traceback, status 1
+        traceback.print_exc()
+        code = 1
+    # A normal interpreter exit runs atexit handlers and flushes; os._exit (by the caller) does neither.
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return code
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _reopen_stdio() -> None:
+    """New sys.stdin/stdout/stderr on fds 0-2, buffered as the interpreter would buffer these files
+    (stdout line-buffered only on a terminal, stderr always line-buffered)."""
+    encoding = sys.stdout.encoding if sys.stdout else "utf-8"
+    files = [open(fd, mode, closefd=False) for fd, mode in ((0, "rb"), (1, "wb"), (2, "wb"))]  # noqa: SIM115
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(files[0], encoding=encoding)
+    out = io.TextIOWrapper(files[1], encoding=encoding, line_buffering=os.isatty(1))
+    err = io.TextIOWrapper(files[2], encoding=encoding, errors="backslashreplace", line_buffering=True)
+    sys.stdout = sys.__stdout__ = out
+    sys.stderr = sys.__stderr__ = err
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: serve (started by a client), status, stop
+# --------------------------------------------------------------------------------------------------
+
+
+def _servers(directory: Path) -> list[tuple[str, int | None, bool]]:
+    """(key, server pid, alive) for each server that left a pid file in `directory`."""
+    found = []
+    for pid_file in sorted(directory.glob("*.pid")):
+        try:
+            pid: int | None = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            pid = None
+        alive = False
+        if pid is not None:
+            try:
+                os.kill(pid, 0)
+                alive = True
+            except (ProcessLookupError, PermissionError):
+                alive = False
+        found.append((pid_file.stem, pid, alive))
+    return found
+
+
+def stop_servers(directory: Path, timeout_s: float = 10.0) -> int:
+    """Ask every server in `directory` to exit (each finishes its running steps first); how many."""
+    pids = [pid for _, pid, alive in _servers(directory) if alive and pid is not None]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    return len(pids)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m components.warm_start", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a server (clients start it; not for use by hand)")
+    serve.add_argument("--dir", required=True)
+    serve.add_argument("--key", required=True)
+    for name in ("status", "stop"):
+        s = sub.add_parser(name, help=f"{name} the servers in the socket folder")
+        s.add_argument("--dir", default=None, help="socket folder (default: $DAFT_WARM_DIR, else per user)")
+    args = p.parse_args(argv)
+    if args.command == "serve":
+        idle = float(os.environ.get(IDLE_VAR, DEFAULT_IDLE_S))
+        return _Server(Path(args.dir), args.key, idle).serve()
+    directory = Path(args.dir) if args.dir else socket_dir()
+    if not directory.is_dir():
+        print(f"no warm-start servers: {directory} does not exist")
+        return 0
+    if args.command == "status":
+        servers = _servers(directory)
+        for key, pid, alive in servers:
+            print(f"{key}  pid {pid}  {'running' if alive else 'gone'}")
+        if not servers:
+            print(f"no warm-start servers in {directory}")
+        return 0
+    print(f"stopped {stop_servers(directory)} warm-start server(s) in {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
