@@ -79,6 +79,8 @@ _PER_STAGE_ENV = (
 )
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _HEADER = struct.Struct("!I")
+HANDSHAKE_S = 30.0  # a server that has not taken a request by then is stopped or swamped: run in-process
+HANDSHAKE_VAR = "DAFT_WARM_HANDSHAKE_S"
 _MAX_REQUEST = 16 << 20
 
 
@@ -139,6 +141,7 @@ def server_key(environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
         "server_code": os.stat(__file__).st_mtime_ns,
         "executable": sys.executable,
         "version": sys.version,
+        "flags": [repr(sys.flags), sys.warnoptions, sorted(map(str, sys._xoptions.items()))],
         "path": sys.path[1:],  # [0] is the client's own folder (python -m), set per worker
         "env": sorted(env.items()),
         "packages": packages,
@@ -188,13 +191,9 @@ def _connect(path: Path) -> socket.socket | None:
     return sock
 
 
-def _send_message(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int] = ()) -> None:
+def _send_message(sock: socket.socket, payload: dict[str, Any]) -> None:
     data = json.dumps(payload).encode()
-    if fds:
-        socket.send_fds(sock, [_HEADER.pack(len(data))], list(fds))
-        sock.sendall(data)
-    else:
-        sock.sendall(_HEADER.pack(len(data)) + data)
+    sock.sendall(_HEADER.pack(len(data)) + data)
 
 
 def _run_in_worker(sock: socket.socket, module: str) -> int | None:
@@ -210,14 +209,23 @@ def _run_in_worker(sock: socket.socket, module: str) -> int | None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    # Until "go" is sent, the step can still run here (a stopped or overloaded server times out); after it,
+    # it runs in the worker only, so it never runs twice.
     try:
-        _send_message(sock, request, fds=(0, 1, 2))
+        sock.settimeout(float(os.environ.get(HANDSHAKE_VAR, HANDSHAKE_S)))
+        _send_message(sock, request)
         lines = _lines(sock)
-        first = next(lines, "")
+        if next(lines, "") != "ready":
+            return None
+        # The standard streams travel with "go" only: a server that never reads them must not hold them
+        # open (a pipe's reader would wait for its end-of-file as long as the server keeps the message).
+        socket.send_fds(sock, [b"go\n"], [0, 1, 2])
+        sock.settimeout(None)
     except OSError:
         return None
+    first = next(lines, "")
     if not first.startswith("started "):
-        return None  # refused before anything ran: run here
+        return _lost(sock, module, None)
     pid = int(first.split()[1])
     previous = {}
 
@@ -237,9 +245,14 @@ def _run_in_worker(sock: socket.socket, module: str) -> int | None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    return _lost(sock, module, pid)
+
+
+def _lost(sock: socket.socket, module: str, pid: int | None) -> int:
+    where = f"its worker {pid}" if pid else "before it started a worker"
     print(
-        f"error: the warm-start server ({sock.getpeername()}) went away while step {module} ran in its "
-        f"worker {pid}; its outcome is unknown. Fix: rerun the step; set {SWITCH}=0 to run steps without it.",
+        f"error: the warm-start server ({sock.getpeername()}) went away while running {module} ({where}); "
+        f"its outcome is unknown. Fix: rerun the step; set {SWITCH}=0 to run steps without warm start.",
         file=sys.stderr,
         flush=True,
     )
@@ -273,8 +286,9 @@ def _start_server(directory: Path, key: str) -> None:
     with contextlib.suppress(OSError):
         log = open(directory / f"{key}.log", "ab")  # noqa: SIM115 - handed to the child
         with log:
+            flags = subprocess._args_from_interpreter_flags()  # -O, -X, -W ...: the same interpreter
             subprocess.Popen(
-                [sys.executable, "-m", __spec__.name, "serve", "--dir", str(directory), "--key", key],
+                [sys.executable, *flags, "-m", __spec__.name, "serve", "--dir", str(directory), "--key", key],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -310,6 +324,11 @@ class _Server:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        if server_key() != self.key:  # not the interpreter, path or environment its clients have
+            print(
+                "warm start: this process does not match the key it was started for; not serving", flush=True
+            )
+            return 1
         started = time.monotonic()
         for name in PRELOAD:
             __import__(name)
@@ -371,19 +390,23 @@ class _Server:
             conn, _ = self.listener.accept()
         except OSError:
             return
+        fds: list[int] = []
         try:
             if hasattr(socket, "SO_PEERCRED"):
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 if struct.unpack("3i", creds)[1] != os.getuid():
                     raise OSError("a client of another user")
-            conn.settimeout(10.0)
-            request, fds = _receive_request(conn)
+            conn.settimeout(HANDSHAKE_S)
+            request = _receive_request(conn)
+            if request.get("op") != "run":
+                raise ValueError(f"unknown request {request.get('op')!r}")
+            conn.sendall(b"ready\n")
+            go, fds, _, _ = socket.recv_fds(conn, 3, 3)
+            if len(fds) != 3 or (go + _read_line(conn) if not go.endswith(b"\n") else go).strip() != b"go":
+                raise OSError("the client gave up before the step started")
             conn.settimeout(None)
         except (OSError, ValueError) as err:
             print(f"warm start: dropped a client: {err}", flush=True)
-            conn.close()
-            return
-        if request.get("op") != "run" or len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             conn.close()
@@ -445,22 +468,32 @@ class _Server:
         self.last_active = time.monotonic()
 
 
-def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    head, fds, _, _ = socket.recv_fds(conn, _HEADER.size, 3)
-    if len(head) != _HEADER.size:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError("short request header")
+def _read_line(conn: socket.socket, limit: int = 64) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.strip()
+
+
+def _receive_request(conn: socket.socket) -> dict[str, Any]:
+    head = _recv_exactly(conn, _HEADER.size)
     (size,) = _HEADER.unpack(head)
     if size > _MAX_REQUEST:
         raise ValueError(f"request of {size} bytes")
+    return json.loads(_recv_exactly(conn, size))
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
     data = b""
     while len(data) < size:
         chunk = conn.recv(size - len(data))
         if not chunk:
             raise ValueError("truncated request")
         data += chunk
-    return json.loads(data), fds
+    return data
 
 
 def _worker(server: _Server, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> int:

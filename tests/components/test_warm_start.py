@@ -306,3 +306,27 @@ def test_default_folder_is_private_per_user(monkeypatch: pytest.MonkeyPatch, tmp
     assert socket_dir() == tmp_path / "daft-warm"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert socket_dir().name == f"daft-warm-{os.getuid()}"
+
+
+def test_a_stopped_server_times_out_and_the_step_runs_once_here(probe_env, tmp_path: Path) -> None:
+    folder = tmp_path / "stopped"
+    folder.mkdir(mode=0o700)
+    env = {**probe_env, "DAFT_WARM_DIR": str(folder), "DAFT_WARM_HANDSHAKE_S": "2"}
+    warm_facts(env, tmp_path / "first.json")
+    pid = server_pid(env)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        facts, res = warm_facts(env, tmp_path / "facts.json")
+        assert res.returncode == 0 and facts["worker"] is None  # gave up on the server, ran here
+        assert time.monotonic() - t0 < 60
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # The server, resumed, finds the client gone before "go": it drops the request instead of running it.
+    log = next(folder.glob("*.log"))
+    deadline = time.monotonic() + 30
+    while "dropped a client" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "dropped a client" in log.read_text() and "runs warm_probe" not in log.read_text()
+    stop_servers(folder)
