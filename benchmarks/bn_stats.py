@@ -1,6 +1,6 @@
 """Cost of DAFT's BN statistics pass relative to a plain eval forward over the same batches.
 
-    python -m benchmarks.bn_stats [--threads 2] [--repeats 5] [--layout both] [--baseline /tmp/old_bn.py]
+    python -m benchmarks.bn_stats [--threads 2] [--repeats 5] [--layout both] [--baseline F] [--kernels]
 
 `convert_batchnorm` runs one eval forward with a hook on every BN layer; the hooks are the whole
 overhead. Each repeat times, interleaved (the order rotates so drift on a shared CPU hits all alike):
@@ -119,6 +119,79 @@ def bench_layout(
     return out
 
 
+def kernel_floor(args: argparse.Namespace, layout: str, batches: list[torch.Tensor]) -> dict[str, Any]:
+    """What one pass over every BN input costs with each stock per-channel kernel, against the forward.
+
+    The statistics pass is an eval forward plus, per BN layer, a reduction over its input; this times the
+    candidate reductions on the real BN inputs of one batch (captured once), per batch of all layers, next
+    to the eval BN op itself and the whole forward. ``mean_only_gemv`` (one BLAS read, one moment) is a
+    lower bound for any unfused stock kernel; ``ratio_bound`` = (forward + kernel) / forward is the best
+    the pass can do with that kernel.
+    """
+    from daft_core.bn_conversion import _batch_moments
+
+    model = _model(args).to(memory_format=LAYOUTS[layout])
+    inputs: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, i, _o: inputs.append(i[0].detach().clone()))
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    x0 = batches[0]
+    with torch.no_grad():
+        model(x0)
+    for h in hooks:
+        h.remove()
+    hooks.clear()
+
+    def gemv_mean(x: torch.Tensor) -> Any:
+        """Per-channel sums as one matrix-vector product over x in place (no copy) in either layout."""
+        n, c = x.shape[:2]
+        if x.is_contiguous():  # rows of S values, one per (sample, channel)
+            sums = torch.mv(x.reshape(n * c, -1), torch.ones(x[0, 0].numel(), dtype=x.dtype))
+            return sums.view(n, c).sum(0)
+        rows = x.permute(0, *range(2, x.dim()), 1).reshape(-1, c)  # a view for channels_last
+        return torch.mv(rows.t(), torch.ones(rows.shape[0], dtype=x.dtype))
+
+    def eval_bn(x: torch.Tensor) -> Any:
+        c = x.shape[1]
+        one, zero = torch.ones(c), torch.zeros(c)
+        return torch.batch_norm(x, one, zero, zero, one, False, 0.0, 1e-5, False)
+
+    kernels: dict[str, Callable[[torch.Tensor], Any]] = {
+        "ours (_batch_moments)": _batch_moments,
+        "batch_norm_update_stats (per channel)": lambda x: torch.batch_norm_update_stats(x, None, None, 1.0),
+        "var_mean": lambda x: torch.var_mean(x, dim=(0, *range(2, x.dim())), correction=0),
+        "mean_only_gemv": gemv_mean,
+        "eval BN op (already in the forward)": eval_bn,
+    }
+    forward_s = []
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            t = time.process_time()
+            model(x0)
+            forward_s.append(time.process_time() - t)
+    forward = statistics.median(forward_s)
+    out: dict[str, Any] = {
+        "forward_cpu_ms": round(1000 * forward, 2),
+        "bn_layers": len(inputs),
+        "kernels": {},
+    }
+    for name, fn in kernels.items():
+        times = []
+        for _ in range(args.repeats):
+            t = time.process_time()
+            for x in inputs:
+                fn(x)
+            times.append(time.process_time() - t)
+        k = statistics.median(times)
+        out["kernels"][name] = {
+            "cpu_ms": round(1000 * k, 2),
+            "ratio_bound": round((forward + k) / forward, 3),
+        }
+    return out
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet_lite0")
@@ -133,6 +206,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--baseline", default=None, help="another bn_conversion.py to time as 'baseline'")
     p.add_argument("--out", default="benchmarks/results/bn_stats_cpu.json", help="JSON path ('' : none)")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also time the stock per-channel reductions on the real BN inputs: the floor of this design",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batch_size < 1 or args.max_batches < 0:
         p.error("--repeats and --batch-size must be >= 1, --max-batches >= 0")
@@ -161,6 +239,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": args.baseline,
         "target_convert_over_plain": TARGET,
         "results": {layout: bench_layout(args, layout, batches, baseline) for layout in layouts},
+        "kernel_floor": {layout: kernel_floor(args, layout, batches) for layout in layouts}
+        if args.kernels
+        else None,
     }
 
 
@@ -170,6 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     for layout, r in result["results"].items():
         ratios = ", ".join(f"{k} {v}x" for k, v in r.items() if "_over_plain_" in k)
         print(f"{layout}: plain {r['median_cpu_s']['plain']:.3f}s CPU; {ratios}")
+    for layout, f in (result["kernel_floor"] or {}).items():
+        print(
+            f"{layout}: forward {f['forward_cpu_ms']} ms CPU per batch; {f['bn_layers']} BN inputs per batch:"
+        )
+        for name, k in f["kernels"].items():
+            print(f"  {name:40s} {k['cpu_ms']:7.2f} ms  -> pass >= {k['ratio_bound']}x")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

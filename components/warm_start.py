@@ -18,8 +18,9 @@ after ``DAFT_WARM_IDLE`` seconds (default 60) without a step. Anything that goes
 starts (no server yet, an unusable socket folder, a refused connection) runs the step in-process, as
 without warm start.
 
-Switches: ``DAFT_WARM_START=0`` never uses a server; ``DAFT_WARM_START=1`` also outside DVC. Never in a
-Kubernetes pod (one step per pod) or under torchrun. ``DAFT_WARM_DIR`` is the socket folder (default
+Switches: ``DAFT_WARM_START=0`` never uses a server; ``DAFT_WARM_START=1`` also outside DVC, and on macOS
+(off there by default: its system frameworks are not fork-safe). Never in a Kubernetes pod (one step per
+pod) or under torchrun. ``DAFT_WARM_DIR`` is the socket folder (default
 ``$XDG_RUNTIME_DIR/daft-warm`` or ``<tmp>/daft-warm-<uid>``; it must be owned by the user and closed to
 others). ``python -m components.warm_start status|stop`` lists or stops the servers there.
 
@@ -100,7 +101,11 @@ def enabled(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
         return False
     if not (hasattr(os, "fork") and hasattr(socket, "AF_UNIX") and hasattr(socket, "send_fds")):
         return False
-    return switch in ("1", "true", "yes", "on") or "DVC_STAGE" in environ
+    if switch in ("1", "true", "yes", "on"):
+        return True
+    # By default on Linux only: macOS system frameworks are not fork-safe once initialised (the reason
+    # multiprocessing spawns there), so a forked worker could crash where a fresh process would not.
+    return "DVC_STAGE" in environ and sys.platform.startswith("linux")
 
 
 def socket_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
