@@ -86,14 +86,14 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
     (credential-masked) traceback, exit 1. See :func:`describe_error` for what is foreseeable."""
 
     def main(argv: Sequence[str] | None = None) -> int:
-        if argv is None:  # `python -m components.<step>`: under DVC, in a warm worker when one is up
-            from components import warm_start
-
-            code = warm_start.delegate()
-            if code is not None:
-                return code
         args = list(sys.argv[1:] if argv is None else argv)
         try:
+            if argv is None:  # `python -m components.<step>`: under DVC, in a warm worker when one is up
+                from components import warm_start
+
+                code = warm_start.delegate()
+                if code is not None:
+                    return code
             configure_logging()
             storage.install()  # s3:// checkpoints through the core's URI hook
             run_main(args)

@@ -214,50 +214,75 @@ def _run_in_worker(sock: socket.socket, module: str) -> int | None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    # Ctrl-C, SIGTERM and SIGHUP are for the step: held from here until the worker's pid is known, then
+    # passed on; replayed here if the step ends up running in this process after all.
+    worker: list[int] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        if not worker:
+            pending.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker[0], signum)
+
+    previous = {}
+    for signum in _FORWARDED_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            previous[signum] = signal.signal(signum, forward)
+    try:
+        code = _handshake_and_wait(sock, request, worker, pending)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if code is None:
+        for signum in pending:  # the step will run here: as if these had arrived now
+            signal.raise_signal(signum)
+    return code
+
+
+def _handshake_and_wait(
+    sock: socket.socket, request: dict[str, Any], worker: list[int], pending: list[int]
+) -> int | None:
     # Until "go" is sent, the step can still run here (a stopped or overloaded server times out); after it,
     # it runs in the worker only, so it never runs twice.
+    module = request["module"]
     try:
         sock.settimeout(float(os.environ.get(HANDSHAKE_VAR, HANDSHAKE_S)))
         _send_message(sock, request)
         lines = _lines(sock)
         if next(lines, "") != "ready":
             return None
+        if pending:
+            return None  # interrupted before anything started: let it take effect here
         # The standard streams travel with "go" only: a server that never reads them must not hold them
         # open (a pipe's reader would wait for its end-of-file as long as the server keeps the message).
         socket.send_fds(sock, [b"go\n"], [0, 1, 2])
         sock.settimeout(None)
     except OSError:
         return None
-    first = next(lines, "")
-    if not first.startswith("started "):
-        return _lost(sock, module, None)
-    pid = int(first.split()[1])
-    previous = {}
-
-    def forward(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-    for signum in _FORWARDED_SIGNALS:
-        with contextlib.suppress(ValueError, OSError):
-            previous[signum] = signal.signal(signum, forward)
     try:
+        first = next(lines, "")
+        if not first.startswith("started "):
+            return _lost(module, None)
+        worker.append(int(first.split()[1]))
+        for signum in pending:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker[0], signum)
+        pending.clear()
         for line in lines:
             if line.startswith("exit "):
                 return int(line.split()[1])
     except OSError:
         pass
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return _lost(sock, module, pid)
+    return _lost(module, worker[0] if worker else None)
 
 
-def _lost(sock: socket.socket, module: str, pid: int | None) -> int:
+def _lost(module: str, pid: int | None) -> int:
     where = f"its worker {pid}" if pid else "before it started a worker"
     print(
-        f"error: the warm-start server ({sock.getpeername()}) went away while running {module} ({where}); "
-        f"its outcome is unknown. Fix: rerun the step; set {SWITCH}=0 to run steps without warm start.",
+        f"error: the warm-start server went away while running {module} ({where}); its outcome is unknown. "
+        f"Fix: rerun the step; set {SWITCH}=0 to run steps without warm start.",
         file=sys.stderr,
         flush=True,
     )
