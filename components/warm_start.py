@@ -555,6 +555,8 @@ def _worker(server: _Server, conn: socket.socket, request: dict[str, Any], fds: 
     sys.argv[:] = request["argv"]
     for name in [m for m in sys.modules if m.split(".")[0] in OWN_PACKAGES]:
         del sys.modules[name]
+    sys.path_importer_cache.clear()  # folder listings cached by the server may predate files added since
+    importlib.invalidate_caches()
     import runpy
 
     try:
