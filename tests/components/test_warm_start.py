@@ -244,13 +244,19 @@ def test_switch_off_and_unsafe_folders_run_in_process(probe_env, tmp_path: Path)
     assert json.loads((tmp_path / "d.json").read_text())["worker"] is None  # outside DVC: plain
 
 
-def test_an_idle_server_exits_and_cleans_up(probe_env, tmp_path: Path) -> None:
-    folder = tmp_path / "idle"
+def own_server(probe_env: dict[str, str], folder: Path, **settings: str) -> tuple[dict[str, str], int]:
+    """A server of its own in `folder` (started by a first, in-process run): (environment, server pid)."""
     folder.mkdir(mode=0o700)
-    env = {**probe_env, "DAFT_WARM_DIR": str(folder), "DAFT_WARM_IDLE": "3"}
-    warm_facts(env, tmp_path / "facts.json")
+    env = {**probe_env, "DAFT_WARM_DIR": str(folder), **settings}
+    warm_facts(env, folder.parent / f"{folder.name}-first.json")
     pid = server_pid(env)
     assert pid is not None
+    return env, pid
+
+
+def test_an_idle_server_exits_and_cleans_up(probe_env, tmp_path: Path) -> None:
+    folder = tmp_path / "idle"
+    _, pid = own_server(probe_env, folder, DAFT_WARM_IDLE="3")
     assert _wait_gone(pid, timeout=60)
     assert list(folder.glob("*.sock")) == [] and list(folder.glob("*.pid")) == []
 
@@ -310,11 +316,7 @@ def test_default_folder_is_private_per_user(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_a_stopped_server_times_out_and_the_step_runs_once_here(probe_env, tmp_path: Path) -> None:
     folder = tmp_path / "stopped"
-    folder.mkdir(mode=0o700)
-    env = {**probe_env, "DAFT_WARM_DIR": str(folder), "DAFT_WARM_HANDSHAKE_S": "2"}
-    warm_facts(env, tmp_path / "first.json")
-    pid = server_pid(env)
-    assert pid is not None
+    env, pid = own_server(probe_env, folder, DAFT_WARM_HANDSHAKE_S="2")
     os.kill(pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
