@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from components import storage
+from components import storage, warm_start
 from components.params import (
     DEFAULT_PARAMS,
     Params,
@@ -89,12 +89,17 @@ def cli(run_main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[s
         args = list(sys.argv[1:] if argv is None else argv)
         try:
             if argv is None:  # `python -m components.<step>`: under DVC, in a warm worker when one is up
-                from components import warm_start
-
                 code = warm_start.delegate()
                 if code is not None:
                     return code
             configure_logging()
+            if os.environ.get(warm_start.WORKER_VAR):
+                log.info(
+                    "warm start: running in worker %d of server %d (imports done once per repro; "
+                    "DAFT_WARM_START=0 turns it off)",
+                    os.getpid(),
+                    os.getppid(),
+                )
             storage.install()  # s3:// checkpoints through the core's URI hook
             run_main(args)
         except KeyboardInterrupt:

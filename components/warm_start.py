@@ -360,8 +360,7 @@ class _Server:
             )
             return 1
         started = time.monotonic()
-        for name in PRELOAD:
-            __import__(name)
+        _preload()
         import threading
 
         if threading.active_count() != 1:  # a Python thread would be lost (and its locks held) in a fork
@@ -508,6 +507,22 @@ def _read_line(conn: socket.socket, limit: int = 64) -> bytes:
     return data.strip()
 
 
+def _preload() -> None:
+    """Import PRELOAD as a step would: after it configured logging. A step sets up the root logger first
+    thing, so a library's import-time ``logging.basicConfig`` (mlflow.pytorch's Lightning autolog module
+    calls ``basicConfig(level=ERROR)``) is a no-op in a plain step process; undone here so that a worker
+    starts from the root logger a fresh process has."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for name in PRELOAD:
+        __import__(name)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+
+
 def _receive_request(conn: socket.socket) -> dict[str, Any]:
     head = _recv_exactly(conn, _HEADER.size)
     (size,) = _HEADER.unpack(head)
@@ -542,10 +557,7 @@ def _worker(server: _Server, conn: socket.socket, request: dict[str, Any], fds: 
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
-    _reopen_stdio()
+    _adopt_stdio(fds)
     os.chdir(request["cwd"])
     os.umask(int(request["umask"]))
     os.environ.clear()
@@ -587,16 +599,18 @@ def _exit_code(code: Any) -> int:
     return 1
 
 
-def _reopen_stdio() -> None:
-    """New sys.stdin/stdout/stderr on fds 0-2, buffered as the interpreter would buffer these files
-    (stdout line-buffered only on a terminal, stderr always line-buffered)."""
-    encoding = sys.stdout.encoding if sys.stdout else "utf-8"
-    files = [open(fd, mode, closefd=False) for fd, mode in ((0, "rb"), (1, "wb"), (2, "wb"))]  # noqa: SIM115
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(files[0], encoding=encoding)
-    out = io.TextIOWrapper(files[1], encoding=encoding, line_buffering=os.isatty(1))
-    err = io.TextIOWrapper(files[2], encoding=encoding, errors="backslashreplace", line_buffering=True)
-    sys.stdout = sys.__stdout__ = out
-    sys.stderr = sys.__stderr__ = err
+def _adopt_stdio(fds: list[int]) -> None:
+    """The client's stdin/stdout/stderr become fds 0-2 under the interpreter's own ``sys.std*`` objects, so
+    everything bound to them at import time (a logging handler, say) writes to the client; stdout is then
+    buffered as a fresh interpreter would buffer it (line by line only on a terminal)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()  # what the server wrote stays in its log
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    with contextlib.suppress(Exception):
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))
 
 
 # --------------------------------------------------------------------------------------------------

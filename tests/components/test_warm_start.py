@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -279,7 +280,7 @@ def _digest(path: Path) -> dict[str, str]:
 def test_a_real_step_writes_the_same_outputs_warm_and_cold(probe_env, server: int, tmp_path: Path) -> None:
     params = write_params(tmp_path / "params.yaml", tiny_params())
     env = {**probe_env, "PYTHONPATH": os.pathsep.join([probe_env["PROBE_FOLDER"], str(ROOT)])}
-    outs = {}
+    outs, logs = {}, {}
     for mode in ("0", ""):
         out = tmp_path / f"prepared-{mode or 'warm'}"
         res = subprocess.run(
@@ -292,7 +293,13 @@ def test_a_real_step_writes_the_same_outputs_warm_and_cold(probe_env, server: in
         )
         assert res.returncode == 0, res.stderr
         outs[mode] = _digest(out)
+        assert ("warm start: running in worker" in res.stderr) == (mode == ""), res.stderr  # says where
+        lines = res.stderr.replace(str(out), "OUT").splitlines()
+        logs[mode] = [re.sub(r"[\d.]+", "#", line) for line in lines if "warm start" not in line]
     assert outs["0"] == outs[""] and outs[""]
+    # The same log lines, numbers aside, as a plain process (a library's import-time logging setup in the
+    # server once silenced every INFO line of the workers).
+    assert logs["0"] == logs[""] and len(logs[""]) >= 2
     logs = "".join(p.read_text() for p in Path(probe_env["DAFT_WARM_DIR"]).glob("*.log"))
     assert "(components.prepare_data) exit 0" in logs
     bad = subprocess.run(
