@@ -132,6 +132,8 @@ def test_repro_runs_every_stage_and_writes_outputs(project, first_repro: str) ->
     logs = "".join(p.read_text() for p in Path(env["DAFT_WARM_DIR"]).glob("*.log"))
     ran = re.findall(r"worker \d+ \((components\.\w+)\) exit 0", logs)
     assert "components.report" in ran and len(ran) >= 8, logs
+    # ... and what the workers logged reached DVC's output, as a plain stage's would.
+    assert "warm start: running in worker" in first_repro and "report written to" in first_repro
 
 
 def test_second_repro_runs_nothing(project, first_repro: str) -> None:
