@@ -338,8 +338,8 @@ class _Server:
         self.path = directory / f"{key}.sock"
         self.selector = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
-        self.children: dict[int, tuple[socket.socket, Any]] = {}  # pid -> (client connection, pidfd)
-        self.started: dict[int, tuple[str, float]] = {}  # pid -> (module, start), for the log
+        # pid -> (client connection, pidfd or None, module, start time) of each running worker
+        self.children: dict[int, tuple[socket.socket, int | None, str, float]] = {}
         self.last_active = time.monotonic()
         self.stopping = False
         self.lock: io.TextIOWrapper | None = None
@@ -399,7 +399,7 @@ class _Server:
                 return
             if not self.children and time.monotonic() - self.last_active > self.idle_s:
                 return
-            polled = any(fd is None for _, fd in self.children.values())
+            polled = any(child[1] is None for child in self.children.values())
             for key, _ in self.selector.select(timeout=0.05 if polled else 0.5):
                 kind = key.data
                 if kind == "accept":
@@ -409,7 +409,7 @@ class _Server:
                     self._reap(kind[1])
                 elif kind[0] == "client":
                     self._client_readable(kind[1], key.fileobj)
-            for pid in [p for p, (_, fd) in self.children.items() if fd is None]:
+            for pid in [p for p, child in self.children.items() if child[1] is None]:
                 self._reap(pid, block=False)  # no pidfd on this system: poll
 
     # -- one step --------------------------------------------------------------------------------
@@ -431,7 +431,9 @@ class _Server:
                 raise ValueError(f"unknown request {request.get('op')!r}")
             conn.sendall(b"ready\n")
             go, fds, _, _ = socket.recv_fds(conn, 3, 3)
-            if len(fds) != 3 or (go + _read_line(conn) if not go.endswith(b"\n") else go).strip() != b"go":
+            if not go.endswith(b"\n"):  # a stream may deliver "go\n" in pieces
+                go += _read_line(conn)
+            if len(fds) != 3 or go.strip() != b"go":
                 raise OSError("the client gave up before the step started")
             conn.settimeout(None)
         except (OSError, ValueError) as err:
@@ -451,7 +453,6 @@ class _Server:
         for fd in fds:
             os.close(fd)
         self.last_active = time.monotonic()
-        self.started[pid] = (request["module"], time.monotonic())
         print(f"warm start: worker {pid} runs {request['module']} in {request['cwd']}", flush=True)
         with contextlib.suppress(OSError):
             conn.sendall(f"started {pid}\n".encode())
@@ -461,7 +462,7 @@ class _Server:
                 pidfd = os.pidfd_open(pid)
                 self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
         self.selector.register(conn, selectors.EVENT_READ, ("client", pid))
-        self.children[pid] = (conn, pidfd)
+        self.children[pid] = (conn, pidfd, request["module"], time.monotonic())
 
     def _client_readable(self, pid: int, conn: Any) -> None:
         try:
@@ -480,10 +481,9 @@ class _Server:
             done, status = pid, 1 << 8
         if done == 0:
             return
-        conn, pidfd = self.children.pop(pid)
+        conn, pidfd, module, t0 = self.children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
-        module, t0 = self.started.pop(pid, ("?", time.monotonic()))
         took = time.monotonic() - t0
         print(f"warm start: worker {pid} ({module}) exit {code} after {took:.1f} s", flush=True)
         with contextlib.suppress(OSError):
@@ -546,7 +546,7 @@ def _worker(server: _Server, conn: socket.socket, request: dict[str, Any], fds: 
     server.selector.close()
     if server.lock is not None:
         server.lock.close()  # the lock is the server's: a new server may start while this step runs
-    for c, pidfd in server.children.values():
+    for c, pidfd, _, _ in server.children.values():
         c.close()
         if pidfd is not None:
             os.close(pidfd)
@@ -626,15 +626,26 @@ def _servers(directory: Path) -> list[tuple[str, int | None, bool]]:
             pid: int | None = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             pid = None
-        alive = False
-        if pid is not None:
-            try:
-                os.kill(pid, 0)
-                alive = True
-            except (ProcessLookupError, PermissionError):
-                alive = False
-        found.append((pid_file.stem, pid, alive))
+        found.append((pid_file.stem, pid, pid is not None and alive(pid)))
     return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    """Whether process `pid` ended within `timeout_s` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def stop_servers(directory: Path, timeout_s: float = 10.0) -> int:
@@ -645,12 +656,7 @@ def stop_servers(directory: Path, timeout_s: float = 10.0) -> int:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        wait_gone(pid, max(0.0, deadline - time.monotonic()))
     return len(pids)
 
 

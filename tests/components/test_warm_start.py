@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from components.warm_start import socket_dir, stop_servers
+from components.warm_start import socket_dir, stop_servers, wait_gone
 from tests.tiny_params import tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,17 +164,6 @@ def test_edited_code_is_what_runs(probe_env, server: int, tmp_path: Path) -> Non
         write_probe(folder, version=1)
 
 
-def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _start_sleeping(env: dict[str, str], out: Path) -> tuple[subprocess.Popen[str], dict]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "warm_probe", str(out), "sleep"],
@@ -198,7 +187,7 @@ def test_ctrl_c_reaches_the_worker(probe_env, server: int, tmp_path: Path) -> No
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130  # KeyboardInterrupt in the worker, as in a plain process
-    assert _wait_gone(facts["pid"])
+    assert wait_gone(facts["pid"], 20)
 
 
 def test_a_killed_client_takes_its_worker_with_it(probe_env, server: int, tmp_path: Path) -> None:
@@ -206,7 +195,7 @@ def test_a_killed_client_takes_its_worker_with_it(probe_env, server: int, tmp_pa
     assert facts["worker"] == "1"
     proc.kill()
     proc.wait(timeout=30)
-    assert _wait_gone(facts["pid"]), "the worker outlived its client"
+    assert wait_gone(facts["pid"], 20), "the worker outlived its client"
 
 
 def test_a_different_environment_gets_its_own_server(probe_env, server: int, tmp_path: Path) -> None:
@@ -258,7 +247,7 @@ def own_server(probe_env: dict[str, str], folder: Path, **settings: str) -> tupl
 def test_an_idle_server_exits_and_cleans_up(probe_env, tmp_path: Path) -> None:
     folder = tmp_path / "idle"
     _, pid = own_server(probe_env, folder, DAFT_WARM_IDLE="3")
-    assert _wait_gone(pid, timeout=60)
+    assert wait_gone(pid, 60)
     assert list(folder.glob("*.sock")) == [] and list(folder.glob("*.pid")) == []
 
 
